@@ -1,0 +1,89 @@
+"""What the training loop hands an algorithm, and what an algorithm must provide.
+
+The loop samples trajectories, scores them, then calls ``algorithm.prepare`` once per epoch and
+``algorithm.loss`` once per trained transition (a minibatch of trajectories at one denoising step each).
+Algorithms differ only in these two functions and in any extra trainable heads (DAG's flow network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..pipeline import set_lora_enabled
+from ..sampling import ddim_step_with_logprob, guided_noise_prediction
+
+
+@dataclass
+class Transition:
+    """One denoising step x_t -> x_t' of a minibatch of B trajectories (each at its own step)."""
+
+    latents: torch.Tensor  # (B, C, h, w)  x_t
+    next_latents: torch.Tensor  # (B, C, h, w)  x_t', as sampled
+    timesteps: torch.Tensor  # (B,)  t
+    step_index: torch.Tensor  # (B,)  position of t in the trajectory, 0 = first (noisiest)
+    old_log_prob: torch.Tensor  # (B,)  log p_old(x_t' | x_t) at sampling time
+    old_eps: torch.Tensor  # (B, C, h, w)  guided eps at sampling time
+    prompt_embeds: torch.Tensor  # (B, L, E)
+    negative_embeds: torch.Tensor | None  # (B, L, E)
+    sample_index: torch.Tensor  # (B,)  index into the epoch's (local) trajectories
+
+
+class Policy:
+    """The LoRA-adapted UNet seen as a policy over DDIM steps."""
+
+    def __init__(self, unet, scheduler, guidance_scale: float, eta: float, reduction: str, autocast):
+        self.unet, self.scheduler = unet, scheduler
+        self.guidance_scale, self.eta, self.reduction = guidance_scale, eta, reduction
+        self.autocast = autocast
+
+    def eps(self, latents, timesteps, prompt_embeds, negative_embeds) -> torch.Tensor:
+        with self.autocast():
+            out = guided_noise_prediction(self.unet, latents, timesteps, prompt_embeds, negative_embeds,
+                                          self.guidance_scale)
+        return out.float()
+
+    def log_prob(self, tr: Transition) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p_theta(x_t' | x_t), eps_theta(x_t)) with gradients through the LoRA."""
+        eps = self.eps(tr.latents, tr.timesteps, tr.prompt_embeds, tr.negative_embeds)
+        _, log_prob = ddim_step_with_logprob(self.scheduler, eps, tr.timesteps, tr.latents, eta=self.eta,
+                                             prev_sample=tr.next_latents, reduction=self.reduction)
+        return log_prob, eps
+
+    @torch.no_grad()
+    def reference_log_prob(self, tr: Transition) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same under the frozen base model (LoRA switched off)."""
+        base = getattr(self.unet, "module", self.unet)
+        set_lora_enabled(base, False)
+        try:
+            return self.log_prob(tr)
+        finally:
+            set_lora_enabled(base, True)
+
+
+class Algorithm:
+    """Base class: override ``prepare`` and ``loss``; add heads in ``modules``."""
+
+    name = "base"
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Extra trainable modules (optimised, synchronised and checkpointed with the LoRA)."""
+        return {}
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def prepare(self, prompts: list[str], rewards: torch.Tensor, epoch: int, context: dict) -> dict:
+        """Once per epoch, on the gathered batch (all processes): per-trajectory training targets."""
+        raise NotImplementedError
+
+    def loss(self, tr: Transition, policy: Policy, prepared: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

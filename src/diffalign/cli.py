@@ -1,0 +1,170 @@
+"""The ``diffalign`` command: a thin layer over the Python API (each command calls one function)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Align text-to-image diffusion models.")
+toy_app = typer.Typer(no_args_is_help=True, help="The toy world: train the tiny pipeline, measure it.")
+app.add_typer(toy_app, name="toy")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (see configs/).")
+SetOpt = typer.Option(None, "--set", help="Override a field: --set train.epochs=3 (repeatable).")
+
+
+def _fail(message: str, code: int = 2):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn):
+    """Known failures print one clear message, not a traceback."""
+    from .config import ConfigError
+    from .pipeline import ModelLoadError
+    from .rewards import RewardError
+
+    try:
+        return fn()
+    except (ConfigError, ModelLoadError, RewardError, FileNotFoundError, FloatingPointError) as e:
+        _fail(str(e))
+    except ValueError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; resume with --resume", 130)
+
+
+@app.command()
+def train(config: Path = ConfigOpt, set_: list[str] = SetOpt, resume: bool = typer.Option(False, "--resume",
+          help="Continue from the newest complete checkpoint of output_dir.")):
+    """Fine-tune a LoRA with DDPO, DAG-DB or DAG-KL toward a reward."""
+    from .config import load_config
+    from .trainer import train as run_train
+
+    def go():
+        cfg = load_config(config, set_ or [])
+        result = run_train(cfg, resume=resume)
+        typer.echo(f"LoRA written to {result.lora_dir}")
+    _run(go)
+
+
+@app.command()
+def sample(run: Path = typer.Option(None, help="A finished run directory (its LoRA is applied)."),
+           model: str = typer.Option("toy", help="Base model when no --run is given."),
+           prompt: list[str] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable)."),
+           prompts: str = typer.Option(None, help="Prompt set name or file instead of --prompt."),
+           n: int = typer.Option(4, help="Images per prompt."), seed: int = typer.Option(0),
+           steps: int = typer.Option(20), guidance: float = typer.Option(4.0), eta: float = typer.Option(1.0),
+           base: bool = typer.Option(False, "--base", help="With --run: sample the base model (LoRA off)."),
+           out: Path = typer.Option(Path("samples.png"), help="Output grid PNG.")):
+    """Sample an image grid from fixed seeds, base or base+LoRA."""
+    from PIL import Image
+
+    from .evaluate import generate, load_tuned_pipeline
+    from .pipeline import load_pipeline
+    from .prompts import resolve_prompts
+    from .report import image_grid
+
+    def go():
+        plist = list(prompt) if prompt else resolve_prompts(prompts or "eval_count")
+        if run is not None:
+            pipe, _ = load_tuned_pipeline(run)
+            if base:
+                pipe.disable_lora()
+        else:
+            pipe = load_pipeline(model)
+        images = generate(pipe, plist, n, seed, steps, guidance, eta)
+        Image.fromarray(image_grid(images.images, columns=n if n > 1 else 8)).save(out)
+        typer.echo(f"{len(images.prompts)} images -> {out}")
+    _run(go)
+
+
+@app.command("eval")
+def eval_(run: Path = typer.Argument(..., help="A finished run directory.")):
+    """Mean reward, toy success, diversity and drift, base vs tuned, on the run's eval prompts."""
+    from .evaluate import evaluate_run
+
+    def go():
+        result = evaluate_run(run)
+        _print_eval(result)
+    _run(go)
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="A run directory."), evaluate: bool = typer.Option(
+        True, help="Run the evaluation first if eval.json is missing.")):
+    """Write <run>/report.html: curves, before/after grids, the metrics table."""
+    from .evaluate import evaluate_run
+    from .report import write_report
+
+    def go():
+        if evaluate and not (run / "eval.json").exists():
+            evaluate_run(run)
+        typer.echo(f"report: {write_report(run)}")
+    _run(go)
+
+
+@app.command()
+def demo(config: Path = typer.Option(Path("configs/demo.toml"), "--config", "-c"), set_: list[str] = SetOpt,
+         resume: bool = typer.Option(False, "--resume")):
+    """The main job on the toy model: train, evaluate before/after, write the report."""
+    from .config import load_config
+    from .evaluate import evaluate_run
+    from .report import write_report
+    from .trainer import train as run_train
+
+    def go():
+        cfg = load_config(config, set_ or [])
+        result = run_train(cfg, resume=resume)
+        evaluation = evaluate_run(result.output_dir)
+        path = write_report(result.output_dir)
+        _print_eval(evaluation)
+        typer.echo(f"report: {path}")
+    _run(go)
+
+
+def _print_eval(result: dict) -> None:
+    b, t = result["base"], result["tuned"]
+    typer.echo(f"{'metric':<12}{'base':>10}{'tuned':>10}")
+    for key in ("reward_mean", "success", "partial", "diversity"):
+        if key in b:
+            typer.echo(f"{key:<12}{b[key]:>10.4f}{t[key]:>10.4f}")
+    typer.echo(f"{'drift':<12}{'':>10}{result['drift']:>10.4f}   ({result['num_images']} images, fixed seeds)")
+
+
+@app.command()
+def rewards():
+    """List the built-in rewards."""
+    from .rewards import REWARDS
+
+    for name, factory in sorted(REWARDS.items()):
+        doc = (factory.__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:<24}{doc[0] if doc else ''}")
+
+
+@toy_app.command("train")
+def toy_train(out: Path = typer.Option(Path("runs/toy-pretrain"), help="Working directory (checkpoints)."),
+              export: Path = typer.Option(None, help="Where to write the finished pipeline."),
+              seed: int = typer.Option(0), vae_steps: int = typer.Option(1000), unet_steps: int = typer.Option(6000),
+              num_scenes: int = typer.Option(10000), threads: int = typer.Option(0)):
+    """Pretrain the toy pipeline from scratch (resumes from <out> if checkpoints are there)."""
+    from .toy.train import ToyTrainConfig, train_toy_model
+
+    cfg = ToyTrainConfig(out_dir=str(out), export_dir=str(export or ""), seed=seed, vae_steps=vae_steps,
+                         unet_steps=unet_steps, num_scenes=num_scenes, threads=threads)
+    _run(lambda: train_toy_model(cfg, log=lambda m: typer.echo(m)))
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

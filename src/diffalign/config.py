@@ -1,0 +1,244 @@
+"""Validated run configuration: TOML in, pydantic models out.
+
+Every field has a description (it is also the CLI's ``diffalign config --help`` text). Unknown keys and
+bad values are rejected with the field's dotted name and what is allowed. ``--set section.key=value``
+overrides apply before validation, so they are checked the same way.
+
+Groups follow ddpo-pytorch's split: ``sample.*`` (how trajectories are drawn) vs ``train.*`` (how they
+are learned from), so ``sample.batch_size`` and ``train.batch_size`` can differ.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ALGORITHMS = ("ddpo", "dag-db", "dag-kl")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    id: str = Field("toy", description="'toy' (the embedded toy pipeline), a hub id, or a local diffusers directory.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `id` is a hub id.")
+    lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: float = Field(4.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    lora_target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet module names that get LoRA adapters."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+
+
+class SampleConfig(_Section):
+    prompts: str | list[str] = Field(
+        "eval_count", description="A toy prompt-set name, a path to a file with one prompt per line, or a list."
+    )
+    batch_size: int = Field(8, ge=1, description="Trajectories per sampling batch per process.")
+    num_batches_per_epoch: int = Field(2, ge=1, description="Sampling batches per epoch per process.")
+    num_steps: int = Field(20, ge=2, le=1000, description="DDIM steps per trajectory.")
+    guidance_scale: float = Field(4.0, ge=1.0, description="Classifier-free guidance scale (1 disables CFG).")
+    eta: float = Field(1.0, gt=0, le=1.0, description="DDIM eta; must be > 0 so that steps have a log-probability.")
+    log_prob_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="Reduce per-element log-densities over latent elements by mean (as ddpo-pytorch) or sum."
+    )
+    same_prompt_per_batch: bool = Field(False, description="Draw one prompt per batch (else one per trajectory).")
+
+
+class TrainConfig(_Section):
+    algorithm: Literal["ddpo", "dag-db", "dag-kl"] = Field("ddpo", description=f"One of {ALGORITHMS}.")
+    epochs: int = Field(10, ge=1, description="Sample-then-train epochs.")
+    seed: int = Field(0, description="Seed of everything; each process derives its own from it.")
+    learning_rate: float = Field(3e-4, gt=0, lt=1, description="AdamW learning rate (LoRA).")
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(4, ge=1, description="Trajectories per training minibatch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Minibatches accumulated per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's samples.")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained.")
+
+
+class DDPOConfig(_Section):
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip range (mean-reduced log-probs: ~1e-4).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to +-adv_clip_max.")
+    per_prompt_stat_tracking: bool = Field(True, description="Normalise rewards per prompt with a rolling buffer.")
+    stat_buffer_size: int = Field(32, ge=1, description="Per-prompt buffer length.")
+    stat_min_count: int = Field(8, ge=1, description="Below this many rewards for a prompt use batch statistics.")
+
+
+class DAGConfig(_Section):
+    reward_exp: float = Field(100.0, gt=0, description="Final beta: the target density is exp(beta * reward).")
+    anneal_fraction: float = Field(0.5, ge=0, le=1, description="beta rises linearly from 0 over this share of training.")
+    flow_learning_rate: float = Field(3e-4, gt=0, description="Learning rate of the flow network.")
+    proximal_weight: float = Field(1.0, ge=0, description="Weight of the proximal term on the noise prediction.")
+    klpf: float = Field(1.0, gt=0, description="DAG-KL: weight of the KL (policy) surrogate.")
+    clip_range: float = Field(1e-4, gt=0, description="DAG-KL: PPO-style ratio clip range.")
+    adv_clip_max: float = Field(5.0, gt=0, description="DAG-KL: advantage clip.")
+
+
+class RewardTerm(_Section):
+    name: str = Field(description="Built-in reward name (see `diffalign rewards`), 'python', or 'http'.")
+    weight: float = Field(1.0, description="Weight in the weighted sum.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the reward.")
+
+
+class RewardConfig(_Section):
+    terms: list[RewardTerm] = Field(
+        default_factory=lambda: [RewardTerm(name="toy")], min_length=1, description="Rewards and their weights."
+    )
+    on_error: Literal["stop", "skip_batch"] = Field(
+        "stop", description="A reward that fails or returns NaN/inf: stop the run, or drop that batch and go on."
+    )
+    max_skipped_batches: int = Field(3, ge=0, description="With on_error='skip_batch', stop after this many.")
+    workers: int = Field(1, ge=0, description="Reward worker threads (0: score in the sampling thread).")
+
+
+class LogConfig(_Section):
+    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Where to log.")
+    image_every: int = Field(1, ge=0, description="Log an image grid every N epochs (0: never).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=0, description="Save a resumable checkpoint every N epochs (0: only at the end).")
+    keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
+
+
+class EvalConfig(_Section):
+    prompts: str | list[str] = Field("eval_count", description="Evaluation prompt set (name, path or list).")
+    samples_per_prompt: int = Field(2, ge=1, description="Images per prompt, from fixed seeds.")
+    seed: int = Field(1234, description="Seed of the evaluation noises (same before and after).")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    output_dir: str = Field("runs/default", description="Run directory: checkpoints, LoRA, logs, report.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ddpo: DDPOConfig = Field(default_factory=DDPOConfig)
+    dag: DAGConfig = Field(default_factory=DAGConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_dir must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        samples = self.sample.batch_size * self.sample.num_batches_per_epoch
+        per_step = self.train.batch_size * self.train.gradient_accumulation_steps
+        if samples % self.train.batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must divide the samples per epoch per process "
+                f"(sample.batch_size x sample.num_batches_per_epoch = {samples})"
+            )
+        if per_step > samples:
+            raise ValueError(
+                f"train.batch_size x train.gradient_accumulation_steps = {per_step} exceeds the {samples} samples "
+                f"of an epoch: lower gradient_accumulation_steps or sample more per epoch"
+            )
+        return self
+
+    def derived(self, num_processes: int = 1) -> dict[str, int]:
+        """Effective sizes, printed at start-up."""
+        per_proc = self.sample.batch_size * self.sample.num_batches_per_epoch
+        trained_steps = max(1, int(round(self.sample.num_steps * self.train.timestep_fraction)))
+        return {
+            "trajectories_per_epoch": per_proc * num_processes,
+            "trained_steps_per_trajectory": trained_steps,
+            "optimizer_steps_per_epoch": self.train.num_inner_epochs * per_proc
+            // (self.train.batch_size * self.train.gradient_accumulation_steps),
+            "global_train_batch": self.train.batch_size * self.train.gradient_accumulation_steps * num_processes,
+        }
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = RunConfig
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part))
+                parent = field.annotation if field is not None and isinstance(field.annotation, type) else None
+                if parent is None:
+                    break
+            allowed = sorted(parent.model_fields) if parent is not None else []
+            lines.append(f"  {loc}: unknown key; allowed keys here: {', '.join(allowed)}")
+        else:
+            got = e.get("input")
+            lines.append(f"  {loc}: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text  # a bare string: --set model.id=runwayml/stable-diffusion-v1-5
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(value.strip())
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply ``--set`` overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found (see configs/ for examples)")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        source = str(path)
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v) if isinstance(v, dict) else data.__setitem__(k, v)
+    apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    import tomli_w
+
+    Path(path).write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))

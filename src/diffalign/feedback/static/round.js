@@ -1,0 +1,257 @@
+// The round page: label every image good/bad, star the best good one, submit.
+"use strict";
+
+(() => {
+  const { request, el, evaluatorName, setEvaluatorName, fmtTime } = Diffalign;
+  const roundId = Number(window.location.pathname.split("/").filter(Boolean).pop());
+
+  const state = {
+    round: null,
+    labels: new Map(), // image id -> "good" | "bad"
+    best: null, // image id or null
+    cursor: 0, // index into candidates()
+    submitting: false,
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const nameInput = $("evaluator");
+
+  function candidates() {
+    // Keyboard order: the round's images, then the previous best.
+    const ids = state.round.images.map((im) => im.id);
+    if (state.round.previous_best) ids.push(state.round.previous_best.id);
+    return ids;
+  }
+
+  function isPrevious(id) {
+    return state.round.previous_best !== null && state.round.previous_best.id === id;
+  }
+
+  function setLabel(id, label) {
+    if (isPrevious(id)) return;
+    state.labels.set(id, label);
+    if (label === "bad" && state.best === id) state.best = null;
+    render();
+  }
+
+  function toggle(id) {
+    if (isPrevious(id)) return;
+    setLabel(id, state.labels.get(id) === "good" ? "bad" : "good");
+  }
+
+  function star(id) {
+    if (!isPrevious(id) && state.labels.get(id) !== "good") {
+      say("Only a good image can be the best: mark it good first (g).", "warn");
+      return;
+    }
+    state.best = state.best === id ? null : id;
+    say("");
+    render();
+  }
+
+  function say(text, kind) {
+    const status = $("status");
+    status.textContent = text;
+    status.className = "status" + (kind ? " " + kind : "");
+  }
+
+  function card(image, index, previous) {
+    const id = image.id;
+    const label = state.labels.get(id);
+    const starred = state.best === id;
+    const current = candidates()[state.cursor] === id;
+    const cls = ["card", previous ? "prev" : label || "unlabeled", starred ? "starred" : "", current ? "current" : ""];
+    const starButton = el("button", {
+      type: "button",
+      class: "star" + (starred ? " on" : ""),
+      title: starred ? "the best image (click to unstar)" : "star as the best (s)",
+      "aria-pressed": starred ? "true" : "false",
+      "aria-label": "best",
+      disabled: !previous && label !== "good",
+      onclick: (ev) => { ev.stopPropagation(); state.cursor = candidates().indexOf(id); star(id); },
+    }, starred ? "★" : "☆");
+    const badge = previous
+      ? el("span", { class: "badge prev" }, "last round")
+      : el("span", { class: "badge " + (label || "unlabeled") }, label || "unlabeled");
+    const img = el("img", {
+      src: image.url, width: 160, height: 160, alt: (previous ? "previous best image" : "image " + (index + 1)),
+      draggable: "false",
+    });
+    const node = el("figure", {
+      class: cls.filter(Boolean).join(" "),
+      "data-image-id": String(id),
+      "data-label": previous ? "previous" : label || "unlabeled",
+      tabindex: "-1",
+      onclick: () => { state.cursor = candidates().indexOf(id); if (previous) star(id); else toggle(id); },
+    },
+      el("div", { class: "frame" }, img, starred ? el("span", { class: "ribbon" }, "★ best") : null),
+      el("figcaption", {}, el("span", { class: "num" }, previous ? "P" : String(index + 1)), badge, starButton));
+    return node;
+  }
+
+  function render() {
+    const round = state.round;
+    const grid = $("grid");
+    grid.replaceChildren(...round.images.map((im, i) => card(im, i, false)));
+    if (round.previous_best) {
+      $("previous").hidden = false;
+      $("previous-slot").replaceChildren(card(round.previous_best, -1, true));
+    }
+    const left = round.images.filter((im) => !state.labels.has(im.id)).length;
+    const good = round.images.filter((im) => state.labels.get(im.id) === "good").length;
+    const needBest = good > 0 && state.best === null;
+    $("left").textContent = left > 0
+      ? `${left} of ${round.images.length} left to label`
+      : needBest ? "all labeled · star the best" : "ready to submit";
+    $("left").className = "left" + (left === 0 && !needBest ? " done" : "");
+    $("evaluators").textContent = `${good} good · evaluators ${round.evaluators_submitted.length} of ${round.evaluators_required} submitted`;
+    const currentId = candidates()[state.cursor];
+    const node = document.querySelector(`[data-image-id="${currentId}"]`);
+    if (node && document.activeElement !== nameInput) node.scrollIntoView({ block: "nearest" });
+  }
+
+  function moveCursor(dx, dy) {
+    const ids = candidates();
+    if (dy === 0) {
+      state.cursor = Math.max(0, Math.min(ids.length - 1, state.cursor + dx));
+    } else {
+      // Move to the nearest card in the next row above/below, by on-screen position.
+      const nodes = ids.map((id) => document.querySelector(`[data-image-id="${id}"]`).getBoundingClientRect());
+      const here = nodes[state.cursor];
+      let bestIdx = state.cursor;
+      let bestScore = Infinity;
+      nodes.forEach((r, i) => {
+        const vertical = dy > 0 ? r.top - here.top : here.top - r.top;
+        if (vertical <= 4) return;
+        const score = vertical * 10 + Math.abs(r.left - here.left);
+        if (score < bestScore) { bestScore = score; bestIdx = i; }
+      });
+      state.cursor = bestIdx;
+    }
+    render();
+  }
+
+  async function submit() {
+    if (state.submitting) return;
+    const round = state.round;
+    const evaluator = nameInput.value.trim();
+    if (!evaluator) {
+      say("Enter your name first (top right), so your labels are attributed.", "warn");
+      nameInput.focus();
+      return;
+    }
+    const left = round.images.filter((im) => !state.labels.has(im.id));
+    if (left.length) {
+      say(`Label every image first: ${left.length} left.`, "warn");
+      state.cursor = round.images.indexOf(left[0]);
+      render();
+      return;
+    }
+    const anyGood = round.images.some((im) => state.labels.get(im.id) === "good");
+    if (anyGood && state.best === null) {
+      say("Star the best of the good images (s) before submitting.", "warn");
+      return;
+    }
+    const labels = {};
+    for (const im of round.images) labels[im.id] = state.labels.get(im.id);
+    state.submitting = true;
+    $("submit").disabled = true;
+    say("Submitting…");
+    try {
+      const res = await request("POST", `/api/rounds/${roundId}/submissions`, {
+        evaluator, labels, best_image_id: state.best,
+      });
+      const more = res.evaluators_required - res.evaluators_submitted;
+      say(res.complete
+        ? "Submitted ✓ — the round is complete; the training loop can go on."
+        : `Submitted ✓ — waiting for ${more} more evaluator${more === 1 ? "" : "s"}.`, "ok");
+      await refresh(false);
+      await offerNext();
+    } catch (err) {
+      say("Not submitted: " + err.message, "error");
+    } finally {
+      state.submitting = false;
+      $("submit").disabled = false;
+    }
+  }
+
+  async function offerNext() {
+    try {
+      const open = await request("GET", "/api/rounds");
+      const me = nameInput.value.trim();
+      const next = open.find((r) => r.id !== roundId && !r.evaluators_submitted.includes(me));
+      if (next) {
+        const status = $("status");
+        status.append(" ", el("a", { href: `/rounds/${next.id}`, class: "next" }, `Next open round (#${next.id}) →`));
+      }
+    } catch (err) {
+      /* the link is a convenience */
+    }
+  }
+
+  async function refresh(loadMine) {
+    const name = nameInput.value.trim();
+    const q = name ? `?evaluator=${encodeURIComponent(name)}` : "";
+    const round = await request("GET", `/api/rounds/${roundId}${q}`);
+    state.round = round;
+    document.title = `Round ${round.id}: ${round.prompt} · diffalign`;
+    $("round-title").textContent = `Round ${round.id} · iteration ${round.iteration}`;
+    $("prompt").textContent = round.prompt;
+    $("crumbs").replaceChildren(el("a", { href: `/runs/${round.run_id}` }, `run ${round.run_name}`),
+      el("span", { class: "sep" }, "›"), el("span", {}, `round ${round.id}`));
+    const mine = $("mine");
+    if (round.mine) {
+      mine.hidden = false;
+      mine.textContent = `You submitted this round on ${fmtTime(round.mine.created_at)}. Your labels are shown; ` +
+        "submitting a change records it as your new answer (the old one stays in the audit log).";
+      if (loadMine) {
+        state.labels = new Map(Object.entries(round.mine.labels).map(([k, v]) => [Number(k), v]));
+        state.best = round.mine.best_image_id;
+      }
+    } else {
+      mine.hidden = true;
+    }
+    render();
+  }
+
+  document.addEventListener("keydown", (ev) => {
+    if (!state.round || ev.target === nameInput || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    const ids = candidates();
+    const id = ids[state.cursor];
+    let handled = true;
+    switch (ev.key) {
+      case "ArrowLeft": moveCursor(-1, 0); break;
+      case "ArrowRight": moveCursor(1, 0); break;
+      case "ArrowUp": moveCursor(0, -1); break;
+      case "ArrowDown": moveCursor(0, 1); break;
+      case "g": case "G": setLabel(id, "good"); break;
+      case "b": case "B": setLabel(id, "bad"); break;
+      case " ": toggle(id); break;
+      case "s": case "S": star(id); break;
+      case "Enter": submit(); break;
+      default:
+        if (/^[1-9]$/.test(ev.key) && Number(ev.key) <= state.round.images.length) {
+          state.cursor = Number(ev.key) - 1;
+          render();
+        } else {
+          handled = false;
+        }
+    }
+    if (handled) ev.preventDefault();
+  });
+
+  nameInput.value = evaluatorName();
+  nameInput.addEventListener("change", () => {
+    setEvaluatorName(nameInput.value.trim());
+    refresh(state.labels.size === 0).catch((err) => say(err.message, "error"));
+  });
+  nameInput.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter") { ev.preventDefault(); nameInput.blur(); }
+  });
+  $("submit").addEventListener("click", (ev) => { ev.currentTarget.blur(); submit(); });
+
+  refresh(true).catch((err) => {
+    $("round-title").textContent = "Cannot load this round";
+    say(err.message, "error");
+  });
+})();

@@ -1,0 +1,97 @@
+"""A self-contained HTML report of a run: curves, before/after grids from the same seeds, metrics table.
+
+Everything (plots and images) is embedded as base64 PNG, so the file can be mailed or attached as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _png(fig_or_array) -> str:
+    buf = io.BytesIO()
+    if isinstance(fig_or_array, np.ndarray):
+        from PIL import Image
+        Image.fromarray(fig_or_array).save(buf, format="PNG")
+    else:
+        fig_or_array.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_grid(images: np.ndarray, columns: int = 8, scale: int = 2, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one grid image, upscaled by ``scale`` (nearest) so 64 px images are visible."""
+    n, h, w, _ = images.shape
+    rows = (n + columns - 1) // columns
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def _curves(history: list[dict]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [h["trajectories"] for h in history if "reward_mean" in h]
+    keys = [("reward_mean", "mean reward"), ("reward/success_rate", "toy success (training samples)")]
+    keys = [(k, label) for k, label in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
+    for ax, (k, label) in zip(axes[0], keys):
+        ax.plot(x, [h.get(k, np.nan) for h in history if "reward_mean" in h], marker="o", ms=3)
+        ax.set_xlabel("trajectories sampled")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Build ``report.html`` from ``metrics.jsonl``, ``eval.json`` and ``eval_images.npz`` of a run."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "report.html"
+    history = []
+    if (run_dir / "metrics.jsonl").exists():
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else None
+    parts = [f"<h1>diffalign report: {html.escape(run_dir.name)}</h1>"]
+    if (run_dir / "config.toml").exists():
+        parts.append(f"<details><summary>configuration</summary><pre>{html.escape((run_dir / 'config.toml').read_text())}</pre></details>")
+    if evaluation:
+        rows = []
+        for key in ("reward_mean", "success", "partial", "diversity"):
+            if key in evaluation["base"]:
+                b, t = evaluation["base"][key], evaluation["tuned"][key]
+                rows.append(f"<tr><td>{key}</td><td>{b:.4f}</td><td>{t:.4f}</td><td>{t - b:+.4f}</td></tr>")
+        rows.append(f"<tr><td>drift from base (RMS pixel)</td><td></td><td>{evaluation['drift']:.4f}</td><td></td></tr>")
+        parts.append(
+            f"<h2>Before vs after</h2><p>{evaluation['num_images']} images from fixed seeds, prompts "
+            f"<code>{html.escape(str(evaluation['prompts']))}</code>.</p>"
+            "<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>" + "".join(rows) + "</table>"
+        )
+    if history:
+        parts.append(f"<h2>Training</h2><img src='data:image/png;base64,{_png(_curves(history))}'>")
+        last = history[-1]
+        parts.append(f"<p>{last.get('epoch')} epochs, {last.get('trajectories')} trajectories, "
+                     f"{last.get('optimizer_steps')} optimizer steps.</p>")
+    if (run_dir / "eval_images.npz").exists():
+        data = np.load(run_dir / "eval_images.npz")
+        n = min(32, len(data["base"]))
+        parts.append("<h2>Same seeds, before and after</h2><div class='pair'>"
+                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['base'][:n]))}'><figcaption>base</figcaption></figure>"
+                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['tuned'][:n]))}'><figcaption>tuned</figcaption></figure></div>")
+        prompts = [str(p) for p in data["prompts"][:n]]
+        parts.append("<p class='small'>Prompts, row by row: " + html.escape("; ".join(dict.fromkeys(prompts))) + "</p>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             "td:first-child{text-align:left}.pair{display:flex;gap:2em;flex-wrap:wrap}img{image-rendering:pixelated}"
+             ".small{font-size:0.85em;color:#555}")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>diffalign report</title>"
+                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return out

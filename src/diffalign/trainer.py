@@ -1,0 +1,431 @@
+"""The one training loop: prompts -> sampler -> reward -> algorithm loss -> optimizer, on accelerate.
+
+Every algorithm (DDPO, DAG-DB, DAG-KL; HERO and D3PO through the feedback loop) runs through
+:func:`train_epoch`; they differ only in ``algorithm.prepare`` and ``algorithm.loss``.
+
+Determinism: the random draws of epoch e on process p (prompts, initial noises, DDIM noises, the
+shuffles of trajectories and timesteps) come from generators seeded with (seed, p, e), so a resumed run
+repeats exactly what the uninterrupted run would have done, and no two processes sample the same noise.
+
+Checkpoints hold only what is trained (the LoRA, the algorithm's heads), the optimizer, the algorithm's
+state (DDPO's per-prompt statistics) and the history; they are written to a temporary directory and
+renamed into place, so a crash mid-write never leaves a checkpoint that loads wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from .algorithms import Policy, Transition, build_algorithm
+from .config import RunConfig, dump_config
+from .pipeline import attach_lora, load_pipeline, lora_state_dict, save_lora
+from .prompts import resolve_prompts
+from .rewards import RewardError, RewardPool, build_reward
+from .sampling import Trajectories, sample_trajectories
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "COMPLETE"
+
+
+def epoch_generator(seed: int, process: int, epoch: int, stream: int) -> torch.Generator:
+    """Independent generator per (seed, process, epoch, stream): 0 = sampling, 1 = training shuffles."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, process, epoch, stream]).generate_state(1)[0]))
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    optimizer_steps: int = 0
+    trajectories: int = 0  # sampled so far, all processes
+    skipped_batches: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    lora_dir: Path
+    history: list[dict]
+
+
+class Trainer:
+    """Holds the pieces of a run; :meth:`fit` runs it. Built from a validated :class:`RunConfig`."""
+
+    def __init__(self, cfg: RunConfig, reward=None, pipe=None, algorithm=None, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.output_dir)
+        self.trained_steps = max(1, int(round(cfg.sample.num_steps * cfg.train.timestep_fraction)))
+        tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.model.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * self.trained_steps,
+            log_with=tracker, project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        torch.manual_seed(cfg.train.seed + self.rank)  # LoRA init uses the global RNG: same on every rank below
+        # 1. Model: the pipeline, frozen, with a LoRA on the UNet (same initial LoRA on every process).
+        self.pipe = pipe if pipe is not None else load_pipeline(cfg.model.id, cfg.model.revision)
+        self.pipe.to(acc.device)
+        torch.manual_seed(cfg.train.seed)
+        self.lora_params = attach_lora(self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha,
+                                       cfg.model.lora_target_modules)
+        if cfg.model.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.model.mixed_precision)
+        if weight_dtype is not None and acc.device.type != "cpu":
+            # Frozen parts in half precision; the LoRA stays fp32 (accelerate autocasts the forward).
+            self.pipe.vae.to(dtype=weight_dtype)
+            self.pipe.text_encoder.to(dtype=weight_dtype)
+        # 2. Algorithm (its heads), reward, prompts.
+        self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg, self.pipe)
+        self.reward = reward if reward is not None else build_reward(cfg.reward.terms)
+        self.prompts = resolve_prompts(cfg.sample.prompts)
+        # 3. Optimizer over the LoRA and the algorithm's heads; everything through accelerate.
+        groups = [{"params": self.lora_params, "lr": cfg.train.learning_rate}] + self.algorithm.param_groups()
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                      weight_decay=cfg.train.weight_decay)
+        heads = list(self.algorithm.modules().values())
+        prepared = acc.prepare(self.pipe.unet, optimizer, *heads)
+        self.unet, self.optimizer, self.heads = prepared[0], prepared[1], list(prepared[2:])
+        self._register_checkpoint_hooks()
+        acc.register_for_checkpointing(_AlgorithmState(self.algorithm))
+        self.policy = Policy(self.unet, self.pipe.scheduler, cfg.sample.guidance_scale, cfg.sample.eta,
+                             cfg.sample.log_prob_reduction, acc.autocast)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _register_checkpoint_hooks(self) -> None:
+        acc, base_unet = self.accelerator, self.accelerator.unwrap_model(self.unet)
+
+        def save_hook(models, weights, output_dir):
+            # Save only the LoRA of the UNet, not its frozen base weights (GBs for SD).
+            for i, m in enumerate(models):
+                if acc.unwrap_model(m) is base_unet:
+                    if acc.is_main_process:
+                        from safetensors.torch import save_file
+                        save_file(lora_state_dict(base_unet), os.path.join(output_dir, "lora.safetensors"))
+                    weights.pop(i)
+                    break
+
+        def load_hook(models, input_dir):
+            from diffusers.utils import convert_unet_state_dict_to_peft
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            for i, m in enumerate(models):
+                if acc.unwrap_model(m) is base_unet:
+                    state = convert_unet_state_dict_to_peft(load_file(os.path.join(input_dir, "lora.safetensors")))
+                    state = {k.removeprefix("unet."): v for k, v in state.items()}
+                    result = set_peft_model_state_dict(base_unet, state, adapter_name="default")
+                    if getattr(result, "unexpected_keys", None):
+                        raise RuntimeError(f"checkpoint {input_dir}: unexpected LoRA keys {result.unexpected_keys[:5]}")
+                    models.pop(i)
+                    break
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def checkpoints(self) -> list[Path]:
+        ckpt_dir = self.out / "checkpoints"
+        found = [p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARKER).is_file()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        ckpt_dir = self.out / "checkpoints"
+        final = ckpt_dir / f"{CHECKPOINT_PREFIX}{self.state.epoch}"
+        tmp = ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{self.state.epoch}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(self.state.__dict__, default=_json_default))
+            (tmp / COMPLETE_MARKER).write_text(str(self.state.epoch))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: a checkpoint is there whole or not at all
+            for old in self.checkpoints()[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path | None = None) -> Path | None:
+        path = path or (self.checkpoints()[-1] if self.checkpoints() else None)
+        if path is None:
+            return None
+        if not (path / COMPLETE_MARKER).is_file():
+            raise RuntimeError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); remove it or pick another")
+        self.accelerator.load_state(str(path))
+        self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+        return path
+
+    # ------------------------------------------------------------------------------------------------
+    # One epoch
+
+    def sample_epoch(self, epoch: int) -> tuple[Trajectories | None, torch.Tensor | None, dict]:
+        """Steps 1-3: draw prompts, sample trajectories, score them (scoring overlaps the next batch)."""
+        cfg, acc = self.cfg, self.accelerator
+        gen = epoch_generator(cfg.train.seed, self.rank, epoch, 0)
+        base_unet = acc.unwrap_model(self.unet)
+        pool = RewardPool(self.reward, cfg.reward.workers)
+        pending = []
+        try:
+            for b in range(cfg.sample.num_batches_per_epoch):
+                if cfg.sample.same_prompt_per_batch:
+                    prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=gen))]] * cfg.sample.batch_size
+                else:
+                    idx = torch.randint(len(self.prompts), (cfg.sample.batch_size,), generator=gen)
+                    prompts = [self.prompts[i] for i in idx.tolist()]
+                base_unet.eval()
+                traj = sample_trajectories(
+                    self.pipe, prompts, cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta,
+                    generator=gen, reduction=cfg.sample.log_prob_reduction, unet=base_unet,
+                )
+                pending.append((traj, pool.submit(traj.images, prompts, traj.metadata, batch=f"{epoch}.{b}")))
+            kept, scores, infos = [], [], []
+            for traj, fut in pending:
+                try:
+                    total, info = fut.result()
+                    ok = True
+                except RewardError as e:
+                    if cfg.reward.on_error == "stop":
+                        raise
+                    self.log(f"warning: {e}; skipping this batch (reward.on_error='skip_batch')")
+                    ok, total, info = False, None, {}
+                # A batch is kept only if every process scored its part, so gathered shapes agree.
+                all_ok = bool(acc.gather(torch.tensor([ok], device=acc.device)).all())
+                if all_ok:
+                    kept.append(traj)
+                    scores.append(torch.as_tensor(total, dtype=torch.float32))
+                    infos.append(info)
+                else:
+                    self.state.skipped_batches += 1
+                    if self.state.skipped_batches > cfg.reward.max_skipped_batches:
+                        raise RewardError(
+                            f"{self.state.skipped_batches} reward batches skipped (reward.max_skipped_batches = "
+                            f"{cfg.reward.max_skipped_batches}); stopping: fix the reward or raise the limit")
+        finally:
+            pool.close()
+        if not kept:
+            return None, None, {}
+        return Trajectories.cat(kept), torch.cat(scores), _merge_infos(infos)
+
+    def train_on(self, traj: Trajectories, prepared: dict, epoch: int) -> dict:
+        """Steps 5-6: inner epochs over shuffled trajectories and shuffled timesteps; loss; optimizer."""
+        cfg, acc = self.cfg, self.accelerator
+        gen = epoch_generator(cfg.train.seed, self.rank, epoch, 1)
+        n, steps = len(traj), traj.num_steps
+        self.unet.train()
+        for h in self.heads:
+            h.train()
+        sums: dict[str, float] = {}
+        count = 0
+        params = self.lora_params + [p for h in self.heads for p in h.parameters() if p.requires_grad]
+        for _ in range(cfg.train.num_inner_epochs):
+            order = torch.randperm(n, generator=gen)
+            # Each trajectory trains on its own random subset of steps (timestep_fraction), in random order.
+            step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])[:, : self.trained_steps]
+            for start in range(0, n, cfg.train.batch_size):
+                rows = order[start:start + cfg.train.batch_size]
+                for j in range(self.trained_steps):
+                    k = step_perm[rows, j]  # (b,) step index per trajectory
+                    tr = _transition(traj, rows, k, acc.device)
+                    with acc.accumulate(self.unet, *self.heads):
+                        loss, stats = self.algorithm.loss(tr, self.policy, prepared, epoch)
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            stats["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                            self.state.optimizer_steps += 1
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    if not math.isfinite(loss.item()):
+                        raise FloatingPointError(
+                            f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
+                            f"learning rate or the reward scale")
+                    for key, v in stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(v)
+                    count += 1
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def run_epoch(self, epoch: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.time()
+        # 1-3. Sample and score.
+        traj, rewards, info = self.sample_epoch(epoch)
+        t_sample = time.time() - t0
+        if traj is None:
+            return {"epoch": epoch + 1, "skipped": True}
+        # 4. Gather rewards and prompts from all processes; the algorithm turns them into targets.
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+        all_prompts = _gather_strings(acc, traj.prompts)
+        context = {"trajectories": traj, "pipe": self.pipe, "reward": self.reward, "accelerator": acc,
+                   "num_epochs": cfg.train.epochs, "rank": self.rank, "local_size": len(traj)}
+        prepared_global = self.algorithm.prepare(all_prompts, all_rewards, epoch, context)
+        prepared = _local_slice(prepared_global, self.rank, len(traj), self.world)
+        # 5-6. Train.
+        t1 = time.time()
+        stats = self.train_on(traj, prepared, epoch)
+        t_train = time.time() - t1
+        # 7. Bookkeeping.
+        self.state.epoch = epoch + 1
+        self.state.trajectories += len(all_prompts)
+        metrics = {
+            "epoch": epoch + 1, "trajectories": self.state.trajectories, "optimizer_steps": self.state.optimizer_steps,
+            "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
+            "time_sample": t_sample, "time_train": t_train, **{f"train/{k}": v for k, v in stats.items()},
+        }
+        for k, v in info.items():
+            if isinstance(v, float | int):
+                metrics[f"reward/{k}"] = float(v)
+        self.state.history.append(metrics)
+        acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch + 1)
+        if cfg.log.image_every and (epoch + 1) % cfg.log.image_every == 0 and acc.is_main_process:
+            self._log_images(traj, epoch + 1)
+        if acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        return metrics
+
+    def _log_images(self, traj: Trajectories, step: int) -> None:
+        if self.cfg.log.tracker != "tensorboard":
+            return
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        tracker.add_images("samples", traj.images[:16].cpu(), step)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool | str = False) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.toml")
+        acc.wait_for_everyone()
+        if resume:
+            path = self.load_checkpoint(None if resume is True else Path(resume))
+            if path is None:
+                self.log(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            else:
+                self.log(f"resumed from {path} (epoch {self.state.epoch})")
+                if acc.is_main_process:  # metrics.jsonl may hold epochs after the checkpoint: rewrite it
+                    with open(self.out / "metrics.jsonl", "w") as f:
+                        f.writelines(json.dumps(m) + "\n" for m in self.state.history)
+        elif acc.is_main_process and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        if cfg.log.tracker != "none":
+            acc.init_trackers("diffalign", config=_flat_config(cfg))
+        derived = cfg.derived(self.world)
+        self.log(f"{cfg.train.algorithm}: {derived} on {self.world} process(es), device {acc.device}")
+        progress = _progress(cfg.log.progress and acc.is_main_process, cfg.train.epochs, self.state.epoch)
+        for epoch in range(self.state.epoch, cfg.train.epochs):
+            metrics = self.run_epoch(epoch)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(traj=metrics.get("trajectories"), reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+            if cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0 and epoch + 1 < cfg.train.epochs:
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        self.save_checkpoint()
+        lora_dir = self.out / "lora"
+        if acc.is_main_process:
+            save_lora(acc.unwrap_model(self.unet), lora_dir)
+            dump_config(cfg, lora_dir / "diffalign_config.toml")
+            for name, module in self.algorithm.modules().items():
+                from safetensors.torch import save_file
+                save_file(acc.unwrap_model(module).state_dict(), str(self.out / f"{name}.safetensors"))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(self.out, lora_dir, self.state.history)
+
+
+class _AlgorithmState:
+    """Adapter so accelerate checkpoints the algorithm's own state (e.g. per-prompt statistics)."""
+
+    def __init__(self, algorithm):
+        self.algorithm = algorithm
+
+    def state_dict(self):
+        return self.algorithm.state_dict()
+
+    def load_state_dict(self, state):
+        self.algorithm.load_state_dict(state)
+
+
+def _transition(traj: Trajectories, rows: torch.Tensor, k: torch.Tensor, device) -> Transition:
+    return Transition(
+        latents=traj.latents[rows, k].to(device), next_latents=traj.latents[rows, k + 1].to(device),
+        timesteps=traj.timesteps[k].to(device), step_index=k.to(device),
+        old_log_prob=traj.log_probs[rows, k].to(device), old_eps=traj.guided_eps[rows, k].to(device),
+        prompt_embeds=traj.prompt_embeds[rows].to(device),
+        negative_embeds=None if traj.negative_embeds is None else traj.negative_embeds[rows].to(device),
+        sample_index=rows.to(device),
+    )
+
+
+def _gather_strings(acc, items: list[str]) -> list[str]:
+    if acc.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+    return list(gather_object(list(items)))
+
+
+def _local_slice(prepared: dict, rank: int, n: int, world: int) -> dict:
+    """Per-trajectory tensors of the gathered batch -> this process's rows (gather is in rank order).
+    Anything else (scalars, tensors of another length) passes through unchanged."""
+    return {
+        k: v[rank * n:(rank + 1) * n] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n * world else v
+        for k, v in prepared.items()
+    }
+
+
+def _merge_infos(infos: list[dict]) -> dict:
+    merged: dict = {}
+    for info in infos:
+        for k, v in info.items():
+            if np.isscalar(v):
+                merged.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in merged.items()}
+
+
+def _flat_config(cfg: RunConfig) -> dict:
+    flat = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[f"{section}.{k}"] = v if isinstance(v, int | float | str | bool) else json.dumps(v)
+        else:
+            flat[section] = values
+    return flat
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="epochs", unit="epoch")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def train(cfg: RunConfig, resume: bool | str = False, reward=None, log=print) -> TrainResult:
+    """Run a training job from a validated config (the Python face of ``diffalign train``)."""
+    return Trainer(cfg, reward=reward, log=log).fit(resume=resume)
