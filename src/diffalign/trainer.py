@@ -397,7 +397,7 @@ def _merge_infos(infos: list[dict]) -> dict:
     merged: dict = {}
     for info in infos:
         for k, v in info.items():
-            if np.isscalar(v):
+            if isinstance(v, int | float | np.number) and not isinstance(v, bool):
                 merged.setdefault(k, []).append(float(v))
     return {k: float(np.mean(v)) for k, v in merged.items()}
 

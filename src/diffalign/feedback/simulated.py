@@ -55,7 +55,7 @@ class SimulatedEvaluator:
         rng = np.random.default_rng([int(self.seed), int(round_id)])
         flips = rng.random(len(ids)) < float(self.noise_rate)
         good = judged_good[: len(ids)] ^ flips
-        labels = {i: ("good" if g else "bad") for i, g in zip(ids, good)}
+        labels = {i: ("good" if g else "bad") for i, g in zip(ids, good, strict=True)}
 
         best_id: int | None = None
         best_score = -np.inf

@@ -271,7 +271,8 @@ class FeedbackStore:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         else:
             conn.execute("COMMIT")
@@ -284,7 +285,8 @@ class FeedbackStore:
         try:
             yield conn
         finally:
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
 
     def close(self) -> None:
         """Close every connection this object opened (from any thread)."""
@@ -472,7 +474,7 @@ class FeedbackStore:
                     "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (run_id, iteration, prompt, evaluators_required, previous_best_image_id, now))
                 round_id = int(cur.lastrowid)
-                for position, ((digest, rel, width, height), meta) in enumerate(zip(encoded, metadata)):
+                for position, ((digest, rel, width, height), meta) in enumerate(zip(encoded, metadata, strict=True)):
                     c.execute("INSERT INTO images (round_id, position, sha256, file, width, height, metadata, "
                               "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                               (round_id, position, digest, rel, width, height, meta, now))
@@ -686,7 +688,7 @@ class FeedbackStore:
                 for i in info.image_ids:
                     votes[i] += 1 if labels[i] == "good" else -1
         good = [votes[i] > 0 for i in info.image_ids]
-        good_ids = {i for i, g in zip(info.image_ids, good) if g}
+        good_ids = {i for i, g in zip(info.image_ids, good, strict=True) if g}
         counts: dict[int, int] = {}
         first_pick: dict[int, int] = {}
         for order, sub in enumerate(latest):

@@ -1,0 +1,21 @@
+"""User reward functions used by the tests (imported as 'tests.helpers.user_rewards:...')."""
+
+import numpy as np
+
+
+def brightness(images, prompts, metadata):
+    return images.reshape(len(images), -1).mean(axis=1) / 255.0, {"kind": "brightness"}
+
+
+def returns_nan(images, prompts, metadata):
+    out = np.ones(len(images))
+    out[0] = np.nan
+    return out
+
+
+def wrong_count(images, prompts, metadata):
+    return [1.0] * (len(images) + 1)
+
+
+def raises(images, prompts, metadata):
+    raise RuntimeError("scoring backend unavailable")

@@ -1,0 +1,117 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.config import load_config
+from diffalign.rewards import RewardError
+from diffalign.trainer import Trainer, epoch_generator, train
+from tests.conftest import tiny_run_overrides
+
+BRIGHT = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:brightness"}}]'
+
+
+def _cfg(pipe_dir, out, *extra):
+    return load_config(overrides=tiny_run_overrides(pipe_dir, out, BRIGHT, *extra))
+
+
+def _lora(run_dir):
+    return load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_training_changes_only_the_lora_and_logs(tiny_pipe_dir, tmp_path):
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=2", "train.learning_rate=1e-2")
+    trainer = Trainer(cfg, log=lambda m: None)
+    frozen = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n}
+    result = trainer.fit()
+    for n, p in trainer.pipe.unet.named_parameters():
+        if "lora_" in n:
+            continue
+        assert torch.equal(p, frozen[n]), f"frozen weight {n} changed"
+    changed = [n for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n and not torch.equal(p, lora_before[n])]
+    assert changed, "no LoRA weight changed"
+    assert not any(p.requires_grad for p in trainer.pipe.vae.parameters())
+    assert not any(p.requires_grad for p in trainer.pipe.text_encoder.parameters())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["trajectories"] == 8
+    assert all(k in lines[0] for k in ("reward_mean", "train/approx_kl", "train/clipfrac"))
+    assert (result.lora_dir / "diffalign_config.toml").is_file()
+
+
+def test_resume_continues_exactly(tiny_pipe_dir, tmp_path):
+    full = train(_cfg(tiny_pipe_dir, tmp_path / "full", "train.epochs=3", "train.learning_rate=1e-2"), log=lambda m: None)
+    # The same run, stopped after 2 epochs and resumed to 3.
+    train(_cfg(tiny_pipe_dir, tmp_path / "split", "train.epochs=2", "train.learning_rate=1e-2"), log=lambda m: None)
+    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "split", "train.epochs=3", "train.learning_rate=1e-2"),
+                    resume=True, log=lambda m: None)
+    a, b = _lora(tmp_path / "full"), _lora(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert [h["reward_mean"] for h in full.history] == [h["reward_mean"] for h in resumed.history]
+
+
+def test_lora_loads_in_stock_diffusers(tiny_pipe_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = train(_cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=1", "train.learning_rate=5e-2"),
+                   log=lambda m: None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipe_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("two red circles", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+
+    before = image()
+    pipe.load_lora_weights(str(result.lora_dir))
+    after = image()
+    assert (after - before).abs().max() > 1e-4  # the LoRA is applied
+    pipe.disable_lora()
+    torch.testing.assert_close(image(), before)
+
+
+def test_failing_reward_stops_with_a_clear_message_and_trains_nothing(tiny_pipe_dir, tmp_path):
+    bad = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:returns_nan"}}]'
+    cfg = load_config(overrides=tiny_run_overrides(tiny_pipe_dir, tmp_path / "run", bad, "train.epochs=2"))
+    trainer = Trainer(cfg, log=lambda m: None)
+    lora_before = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n}
+    with pytest.raises(RewardError, match=r"reward 'python' on batch 0\.0 returned non-finite"):
+        trainer.fit()
+    for n, p in trainer.pipe.unet.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, lora_before[n])
+
+
+def test_skip_policy_drops_bad_batches_then_gives_up(tiny_pipe_dir, tmp_path):
+    bad = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:raises"}}]'
+    messages = []
+    cfg = load_config(overrides=tiny_run_overrides(tiny_pipe_dir, tmp_path / "run", bad, "train.epochs=3",
+                                                   'reward.on_error="skip_batch"', "reward.max_skipped_batches=1"))
+    with pytest.raises(RewardError, match=r"2 reward batches skipped \(reward.max_skipped_batches = 1\)"):
+        train(cfg, log=messages.append)
+    assert any("skipping this batch" in m for m in messages)
+
+
+def test_incomplete_checkpoint_is_never_loaded(tiny_pipe_dir, tmp_path):
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=1")
+    trainer = Trainer(cfg, log=lambda m: None)
+    trainer.fit()
+    ckpts = trainer.checkpoints()
+    assert [p.name for p in ckpts] == ["checkpoint-1"]
+    # A half-written checkpoint (crash before the rename) is invisible; one without its marker is refused.
+    (tmp_path / "run" / "checkpoints" / ".tmp-checkpoint-2").mkdir()
+    broken = tmp_path / "run" / "checkpoints" / "checkpoint-5"
+    broken.mkdir()
+    assert [p.name for p in trainer.checkpoints()] == ["checkpoint-1"]
+    with pytest.raises(RuntimeError, match="incomplete"):
+        trainer.load_checkpoint(broken)
+
+
+def test_process_generators_differ_and_repeat():
+    a = torch.randn(4, generator=epoch_generator(0, 0, 3, 0))
+    b = torch.randn(4, generator=epoch_generator(0, 1, 3, 0))
+    c = torch.randn(4, generator=epoch_generator(0, 0, 3, 0))
+    assert not torch.equal(a, b) and torch.equal(a, c)
