@@ -96,9 +96,10 @@ class Trainer:
         groups = [{"params": self.lora_params, "lr": cfg.train.learning_rate}] + self.algorithm.param_groups()
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                       weight_decay=cfg.train.weight_decay)
-        heads = list(self.algorithm.modules().values())
+        head_names, heads = list(self.algorithm.modules()), list(self.algorithm.modules().values())
         prepared = acc.prepare(self.pipe.unet, optimizer, *heads)
         self.unet, self.optimizer, self.heads = prepared[0], prepared[1], list(prepared[2:])
+        self.algorithm.bind_prepared(dict(zip(head_names, self.heads)))
         self._register_checkpoint_hooks()
         acc.register_for_checkpointing(_AlgorithmState(self.algorithm))
         self.policy = Policy(self.unet, self.pipe.scheduler, cfg.sample.guidance_scale, cfg.sample.eta,

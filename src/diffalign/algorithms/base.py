@@ -75,6 +75,9 @@ class Algorithm:
     def param_groups(self) -> list[dict]:
         return []
 
+    def bind_prepared(self, modules: dict[str, nn.Module]) -> None:
+        """Receive the accelerate-prepared (possibly DDP-wrapped) versions of ``modules()``."""
+
     def prepare(self, prompts: list[str], rewards: torch.Tensor, epoch: int, context: dict) -> dict:
         """Once per epoch, on the gathered batch (all processes): per-trajectory training targets."""
         raise NotImplementedError

@@ -1,0 +1,139 @@
+"""DAG-DB and DAG-KL: GFlowNet detailed balance over the denoising chain (Zhang et al. 2024,
+"Improving GFlowNets for Text-to-Image Diffusion Alignment", arXiv 2406.00633, TMLR 2025).
+
+Notation (see ``flow.py`` for log F, p_B, beta and the log-prob reduction):
+
+    log_pf     log p_theta(x_t' | x_t)       the policy's DDIM step, through the LoRA
+    log_pb     log p_B(x_t | x_t')           fixed backward kernel
+    log_f      log F(x_t)   = f_phi(x_t, t, c)   + beta r~(x_t)
+    log_f_next log F(x_t')  = f_phi(x_t', t', c) + beta r~(x_t'),   or beta r(x_0) at the last step
+    eps, eps_old   guided noise prediction now and at sampling time
+
+DAG-DB (eq. 8, with the proximal term of Sec. 4):
+    L = (log_f + log_pf - log_pb - log_f_next)^2 + lambda ||eps - eps_old||^2
+
+DAG-KL (Sec. 4.2): the flow keeps the DB loss with log_pf detached; the policy follows the REINFORCE
+gradient of KL(p_theta(. | x_t) || p_B F / F(x_t)) with a leave-one-out baseline and PPO clipping:
+    delta = stopgrad(log_f_next + log_pb - log_pf - log_f)          (= - DB residual)
+    A     = clip((delta - mean_{-i} delta) / std_{-i} delta, -A_max, A_max)
+    L     = (log_f + sg(log_pf) - log_pb - log_f_next)^2 + klpf * PPO(A, rho) + lambda ||eps - eps_old||^2
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import alphas_at
+from .base import Algorithm, Policy, Transition
+from .ddpo import ppo_clipped_loss
+from .flow import FlowNetwork, annealed_beta, backward_log_prob, forward_looking_rewards
+
+
+def db_residual(log_f, log_pf, log_pb, log_f_next):
+    """log F(x_t) + log p_F(x_t'|x_t) - log p_B(x_t|x_t') - log F(x_t'): zero under detailed balance."""
+    return log_f + log_pf - log_pb - log_f_next
+
+
+def leave_one_out_advantages(delta: torch.Tensor, clip: float) -> torch.Tensor:
+    """(delta_i - mean_{j != i} delta_j) / std_{j != i}, clipped; needs at least 2 samples."""
+    n = delta.shape[0]
+    if n < 2:
+        raise ValueError("DAG-KL needs train.batch_size >= 2 for its leave-one-out baseline")
+    baseline = (delta.sum() - delta) / (n - 1)
+    sq = (delta - baseline) ** 2
+    loo_var = (sq.sum() - sq) / (n - 1)
+    return torch.clamp((delta - baseline) / (loo_var.sqrt() + 1e-8), -clip, clip)
+
+
+class DAG(Algorithm):
+    """Shared machinery; ``objective`` is ``"db"`` or ``"kl"``."""
+
+    def __init__(self, cfg, pipe, objective: str):
+        self.cfg, self.dag = cfg, cfg.dag
+        self.objective = objective
+        self.name = f"dag-{objective}"
+        self.pipe = pipe
+        self.flow = FlowNetwork(in_channels=pipe.unet.config.in_channels,
+                                cross_attention_dim=pipe.unet.config.cross_attention_dim)
+        self.beta = 0.0
+
+    def modules(self):
+        return {"flow": self.flow}
+
+    def param_groups(self):
+        return [{"params": list(self.flow.parameters()), "lr": self.dag.flow_learning_rate}]
+
+    def prepare(self, prompts, rewards, epoch, context):
+        traj, rank, n = context["trajectories"], context["rank"], context["local_size"]
+        self.beta = annealed_beta(self.dag.reward_exp, epoch, context["num_epochs"], self.dag.anneal_fraction)
+        fl = forward_looking_rewards(self.pipe, traj, context["reward"], tag=f"{epoch}.")  # (n, T)
+        terminal = rewards[rank * n:(rank + 1) * n].float()  # r(x_0) of this process's trajectories
+        # Kept per process: these are (n, ...) tensors, not gathered ones (trainer slices only (n*world, ...)).
+        return {"forward_reward": fl, "terminal_reward": terminal, "beta": self.beta}
+
+    def log_flows(self, tr: Transition, prepared: dict, flow: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log F(x_t), log F(x_t')) for a minibatch of transitions."""
+        beta = prepared["beta"]
+        fl = prepared["forward_reward"].to(tr.latents.device)
+        i, k = tr.sample_index, tr.step_index
+        num_steps = fl.shape[1]
+        scheduler = self.pipe.scheduler
+        cond = tr.prompt_embeds
+        step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        inner = (k < num_steps - 1).nonzero().squeeze(1)  # rows whose x_t' is not the final image
+        # One flow call over [x_t ; x_t' of inner rows]: half the cost of two calls, and DDP-safe.
+        x = torch.cat([tr.latents, tr.next_latents[inner]])
+        t = torch.cat([tr.timesteps, (tr.timesteps[inner] - step).clamp(min=0)])
+        f = flow(x, t, torch.cat([cond, cond[inner]]))
+        b = tr.latents.shape[0]
+        log_f = f[:b] + beta * fl[i, k]
+        terminal = beta * prepared["terminal_reward"].to(tr.latents.device)[i]
+        log_f_next = terminal.index_put((inner,), f[b:] + beta * fl[i[inner], k[inner] + 1])
+        return log_f, log_f_next
+
+    def loss(self, tr: Transition, policy: Policy, prepared: dict, epoch: int):
+        reduction = policy.reduction
+        log_pf, eps = policy.log_prob(tr)
+        log_pb = backward_log_prob(self.pipe.scheduler, tr.latents, tr.next_latents, tr.timesteps, reduction)
+        flow = self._flow_module
+        log_f, log_f_next = self.log_flows(tr, prepared, flow)
+        proximal = ((eps - tr.old_eps) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        stats = {"beta": prepared["beta"], "log_pf": log_pf.mean().item(), "log_pb": log_pb.mean().item(),
+                 "log_flow": log_f.mean().item(), "proximal": proximal.mean().item()}
+        if self.objective == "db":
+            residual = db_residual(log_f, log_pf, log_pb, log_f_next)
+            db_loss = (residual**2).mean()
+            loss = db_loss + self.dag.proximal_weight * proximal.mean()
+            stats.update(db_loss=db_loss.item(), db_residual_abs=residual.abs().mean().item())
+            return loss, stats
+        residual = db_residual(log_f, log_pf.detach(), log_pb, log_f_next)
+        flow_loss = (residual**2).mean()
+        delta = -residual.detach()
+        advantages = leave_one_out_advantages(delta, self.dag.adv_clip_max)
+        policy_loss, ppo_stats = ppo_clipped_loss(advantages, log_pf, tr.old_log_prob, self.dag.clip_range)
+        loss = flow_loss + self.dag.klpf * policy_loss + self.dag.proximal_weight * proximal.mean()
+        stats.update(db_loss=flow_loss.item(), db_residual_abs=residual.abs().mean().item(),
+                     policy_loss=policy_loss.item(), **ppo_stats)
+        return loss, stats
+
+    # The trainer hands back the accelerate-prepared (possibly DDP-wrapped) flow module.
+    _flow_module: torch.nn.Module | None = None
+
+    def bind_prepared(self, modules: dict[str, torch.nn.Module]) -> None:
+        self._flow_module = modules["flow"]
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state.get("beta", 0.0)
+
+
+def build_dag(cfg, pipe) -> DAG:
+    if pipe is None:
+        raise ValueError("DAG needs the pipeline (for the flow network's sizes and the forward-looking decode)")
+    objective = {"dag-db": "db", "dag-kl": "kl"}[cfg.train.algorithm]
+    return DAG(cfg, pipe, objective)
+
+
+__all__ = ["DAG", "alphas_at", "build_dag", "db_residual", "leave_one_out_advantages"]

@@ -1,0 +1,119 @@
+"""The GFlowNet pieces DAG-DB and DAG-KL share: flow network, backward policy, beta schedule, and the
+forward-looking rewards (Zhang et al. 2024, "Improving GFlowNets for Text-to-Image Diffusion Alignment",
+arXiv 2406.00633; apple/ml-diffusion-alignment-gflownet).
+
+Notation:
+
+    f_phi(x_t, t, c)   FlowNetwork: the learned part of the log-flow
+    r~(x_t)            forward-looking reward r(decode(x0_hat(x_t)), c)
+    log F(x_t)         f_phi(x_t, t, c) + beta r~(x_t);  log F(x_0) = beta r(x_0) at the terminal step
+    p_B(x_t | x_t')    N(sqrt(a) x_t', (1 - a) I), a = abar_t / abar_t': the forward noising kernel of the
+                       strided chain, fixed (not learned)
+
+**Where beta lives (and the reduction).** With log-probs summed over the D latent elements, detailed
+balance makes the sampler's marginal proportional to exp(beta r). With the mean reduction (the default,
+as in the reference code) every log-prob is divided by D while log F is not, so the target becomes
+exp(D beta r): the effective inverse temperature is D beta (D = 1,024 for the toy model's 4x16x16
+latents, 16,384 for SD at 512 px). The reference's beta = 100 is therefore a very sharp target; it
+still trains because the loss only ever sees beta r through per-step residuals.
+
+**Forward-looking rewards, cached.** The reference computes x0_hat with an extra UNet pass of the current
+model for every trained transition and scores it twice (as x_t, then as x_t' of the previous step).
+Here x0_hat(x_k) comes from the guided noise prediction already stored at sampling time, so it costs no
+UNet pass; all T states of every trajectory are decoded in batches and scored once per epoch
+(:func:`forward_looking_rewards`). Any fixed function of x_t is a valid residual parametrisation of
+log F (f_phi learns the rest), so this changes the parametrisation, not the objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..sampling import alphas_at, decode_latents, gaussian_log_prob, predict_x0_eps
+
+
+class FlowNetwork(nn.Module):
+    """f_phi(x_t, t, c): a UNet down path (diffusers blocks, cross-attention to the prompt embedding,
+    sinusoidal timestep embedding), global average pool, linear head. The head starts at zero so that
+    log F starts as the forward-looking term alone. Kept in fp32."""
+
+    def __init__(self, in_channels: int = 4, cross_attention_dim: int = 768,
+                 block_out_channels: tuple[int, ...] = (32, 64, 64),
+                 down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 attention_head_dim: int = 8, norm_num_groups: int = 16):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.unets.unet_2d_blocks import get_down_block
+
+        width = block_out_channels[0]
+        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(width, 4 * width)
+        self.conv_in = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        channels = width
+        for i, kind in enumerate(down_block_types):
+            out = block_out_channels[i]
+            self.down_blocks.append(get_down_block(
+                kind, num_layers=1, in_channels=channels, out_channels=out, temb_channels=4 * width,
+                add_downsample=i < len(down_block_types) - 1, resnet_eps=1e-5, resnet_act_fn="silu",
+                resnet_groups=norm_num_groups, cross_attention_dim=cross_attention_dim,
+                num_attention_heads=max(1, out // attention_head_dim), attention_head_dim=attention_head_dim,
+                downsample_padding=1,
+            ))
+            channels = out
+        self.norm = nn.GroupNorm(norm_num_groups, channels)
+        self.head = nn.Linear(channels, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        sample, encoder_hidden_states = sample.float(), encoder_hidden_states.float()
+        timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1).expand(sample.shape[0])
+        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
+        h = self.conv_in(sample)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        h = torch.nn.functional.silu(self.norm(h)).mean(dim=(2, 3))  # (B, C)
+        return self.head(h).squeeze(-1)  # (B,)
+
+
+def backward_log_prob(scheduler, x_t: torch.Tensor, x_next: torch.Tensor, timesteps, reduction: str) -> torch.Tensor:
+    """log p_B(x_t | x_t') with p_B = N(sqrt(a) x_t', (1 - a) I), a = abar_t / abar_t' (fixed)."""
+    abar_t, abar_prev = alphas_at(scheduler, timesteps)
+    a = (abar_t / abar_prev).to(x_t.dtype)
+    a = a.reshape(-1, *([1] * (x_t.ndim - 1))) if a.ndim else a
+    return gaussian_log_prob(x_t, a.sqrt() * x_next, (1 - a).sqrt(), reduction)
+
+
+def annealed_beta(final: float, epoch: int, num_epochs: int, anneal_fraction: float) -> float:
+    """beta rises linearly from ~0 to ``final`` over the first ``anneal_fraction`` of training, then stays."""
+    ramp = anneal_fraction * num_epochs
+    if ramp <= 0:
+        return final
+    return final * min(1.0, (epoch + 1) / ramp)
+
+
+@torch.no_grad()
+def forward_looking_rewards(pipe, trajectories, reward, batch_size: int = 64, tag: str = "") -> torch.Tensor:
+    """r~(x_k) for k = 0..T-1 of every trajectory: decode x0_hat from the stored guided eps, score once.
+
+    Returns (B, T). Each state is decoded and scored exactly once per epoch (the cache of the DAG loss).
+    """
+    b, t = trajectories.latents.shape[0], trajectories.num_steps
+    scheduler = pipe.scheduler
+    x = trajectories.latents[:, :t].reshape(b * t, *trajectories.latents.shape[2:])  # (B*T, C, h, w)
+    eps = trajectories.guided_eps.reshape(b * t, *trajectories.guided_eps.shape[2:])
+    timesteps = trajectories.timesteps.repeat(b)  # (B*T,) matches the row-major reshape above
+    x0, _ = predict_x0_eps(scheduler, eps.to(x.dtype), timesteps, x)
+    prompts = [p for p in trajectories.prompts for _ in range(t)]
+    scores = []
+    for start in range(0, b * t, batch_size):
+        images = decode_latents(pipe, x0[start:start + batch_size].to(pipe.vae.device))
+        chunk = prompts[start:start + batch_size]
+        total, _ = reward(images, chunk, [{} for _ in chunk], batch=f"{tag}forward-looking {start // batch_size}")
+        scores.append(torch.as_tensor(total, dtype=torch.float32))
+    return torch.cat(scores).reshape(b, t)

@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffalign.algorithms.base import Policy, Transition
+from diffalign.algorithms.dag import DAG, db_residual, leave_one_out_advantages
+from diffalign.algorithms.flow import FlowNetwork, annealed_beta, backward_log_prob, forward_looking_rewards
+from diffalign.config import load_config
+from diffalign.pipeline import attach_lora
+from diffalign.rewards import WeightedReward
+from diffalign.sampling import sample_trajectories
+from diffalign.trainer import train
+from tests.conftest import tiny_run_overrides
+
+
+def _mean_brightness(images, prompts, metadata):
+    return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+REWARD = WeightedReward([("brightness", 1.0, _mean_brightness)])
+
+
+def _transitions(traj, step):
+    b = len(traj)
+    rows = torch.arange(b)
+    k = torch.full((b,), step, dtype=torch.long)
+    return Transition(
+        latents=traj.latents[rows, k], next_latents=traj.latents[rows, k + 1], timesteps=traj.timesteps[k],
+        step_index=k, old_log_prob=traj.log_probs[rows, k], old_eps=traj.guided_eps[rows, k],
+        prompt_embeds=traj.prompt_embeds, negative_embeds=traj.negative_embeds, sample_index=rows)
+
+
+class LookupFlow(nn.Module):
+    """f(x_t) read from a table keyed by the exact latents: a flow constructed to satisfy DB."""
+
+    def __init__(self, latents, values):
+        super().__init__()
+        self.latents, self.values = latents, values  # (N, C, h, w), (N,)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, c):
+        d = (x[:, None] - self.latents[None]).flatten(2).abs().amax(-1)  # (B, N)
+        assert (d.min(dim=1).values < 1e-6).all(), "queried a state outside the table"
+        return self.values[d.argmin(dim=1)] + 0 * self.dummy
+
+
+def _dag(pipe, objective="db", **dag):
+    cfg = load_config(overrides=[f"dag.{k}={v}" for k, v in dag.items()])
+    return DAG(cfg, pipe, objective)
+
+
+def test_db_residual_is_zero_for_a_constructed_consistent_flow(tiny_pipe):
+    steps, beta = 4, 7.0
+    traj = sample_trajectories(tiny_pipe, ["two red circles", "one blue square"], num_steps=steps, guidance_scale=3.0,
+                               generator=torch.Generator().manual_seed(0))
+    terminal = torch.tensor([0.3, 0.8])
+    algo = _dag(tiny_pipe, proximal_weight=0.0)
+    fl = forward_looking_rewards(tiny_pipe, traj, REWARD)  # (B, T)
+    prepared = {"forward_reward": fl, "terminal_reward": terminal, "beta": beta}
+    # Walk back from log F(x_0) = beta r(x_0): log F(x_k) = log F(x_k+1) + log p_B - log p_F.
+    log_f = [None] * (steps + 1)
+    log_f[steps] = beta * terminal
+    for k in reversed(range(steps)):
+        log_pb = backward_log_prob(tiny_pipe.scheduler, traj.latents[:, k], traj.latents[:, k + 1],
+                                   traj.timesteps[k], "mean")
+        log_f[k] = log_f[k + 1] + log_pb - traj.log_probs[:, k]
+    table_x = torch.cat([traj.latents[:, k] for k in range(steps)])
+    table_f = torch.cat([log_f[k] - beta * fl[:, k] for k in range(steps)])  # the learned part f_phi
+    algo.bind_prepared({"flow": LookupFlow(table_x, table_f)})
+    policy = Policy(tiny_pipe.unet, tiny_pipe.scheduler, 3.0, 1.0, "mean", torch.autocast("cpu", enabled=False).__class__)
+    policy.autocast = lambda: torch.autocast("cpu", enabled=False)
+    for k in range(steps):
+        loss, stats = algo.loss(_transitions(traj, k), policy, prepared, epoch=0)
+        assert stats["db_loss"] < 1e-8, f"step {k}: DB residual {stats['db_residual_abs']}"
+    # A wrong terminal reward breaks balance at the last step only.
+    prepared["terminal_reward"] = terminal + 0.1
+    _, stats = algo.loss(_transitions(traj, steps - 1), policy, prepared, epoch=0)
+    assert abs(stats["db_residual_abs"] - beta * 0.1) < 1e-4
+
+
+def _grads_after(pipe, objective, **dag):
+    algo = _dag(pipe, objective, **dag)
+    lora = attach_lora(pipe.unet, 4, 4.0)
+    with torch.no_grad():  # a non-zero LoRA so that every LoRA weight receives gradient
+        for p in lora:
+            p.add_(0.05 * torch.randn_like(p))
+    algo.bind_prepared({"flow": algo.flow})
+    nn.init.normal_(algo.flow.head.weight, std=0.1)
+    traj = sample_trajectories(pipe, ["two red circles"] * 3, num_steps=3, guidance_scale=3.0,
+                               generator=torch.Generator().manual_seed(1))
+    prepared = {"forward_reward": forward_looking_rewards(pipe, traj, REWARD), "terminal_reward": torch.rand(3),
+                "beta": 5.0}
+    policy = Policy(pipe.unet, pipe.scheduler, 3.0, 1.0, "mean", lambda: torch.autocast("cpu", enabled=False))
+    loss, _ = algo.loss(_transitions(traj, 1), policy, prepared, epoch=0)
+    loss.backward()
+    lora_grad = sum(p.grad.abs().sum().item() for p in lora if p.grad is not None)
+    flow_grad = sum(p.grad.abs().sum().item() for p in algo.flow.parameters() if p.grad is not None)
+    frozen = [n for n, p in pipe.unet.named_parameters() if "lora_" not in n and p.grad is not None]
+    frozen += [n for n, p in pipe.text_encoder.named_parameters() if p.grad is not None]
+    return lora_grad, flow_grad, frozen
+
+
+def test_db_gradients_reach_lora_and_flow_only(tiny_pipe):
+    lora_grad, flow_grad, frozen = _grads_after(tiny_pipe, "db", proximal_weight=0.0)
+    assert lora_grad > 0 and flow_grad > 0 and frozen == []
+
+
+def test_kl_flow_loss_does_not_reach_the_lora(tiny_pipe_dir):
+    from diffalign.pipeline import load_pipeline
+
+    # With the policy surrogate and the proximal term switched (almost) off, only the flow loss remains:
+    # it must train the flow network and leave the LoRA without gradient (log p_F is detached there).
+    lora_grad, flow_grad, frozen = _grads_after(load_pipeline(str(tiny_pipe_dir)), "kl", proximal_weight=0.0,
+                                                klpf=1e-30)
+    assert flow_grad > 0 and lora_grad < 1e-20 and frozen == []
+    lora_grad, _, _ = _grads_after(load_pipeline(str(tiny_pipe_dir)), "kl", proximal_weight=0.0, klpf=1.0)
+    assert lora_grad > 0
+
+
+def test_leave_one_out_advantages():
+    delta = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    adv = leave_one_out_advantages(delta, clip=100.0)
+    base = (delta.sum() - delta) / 3
+    assert torch.all(torch.sign(adv) == torch.sign(delta - base))
+    assert leave_one_out_advantages(torch.tensor([0.0, 0.1, -0.1, 1e6]), clip=2.0).max() == 2.0
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        leave_one_out_advantages(torch.tensor([1.0]), 5.0)
+
+
+def test_beta_annealing_is_linear_then_flat():
+    betas = [annealed_beta(100.0, e, num_epochs=10, anneal_fraction=0.5) for e in range(10)]
+    assert betas[:5] == pytest.approx([20, 40, 60, 80, 100]) and betas[5:] == [100.0] * 5
+    assert annealed_beta(100.0, 0, 10, 0.0) == 100.0
+
+
+def test_backward_kernel_is_the_forward_noising_kernel():
+    from diffusers import DDIMScheduler
+
+    from diffalign.toy.model import SCHEDULER_CONFIG
+
+    s = DDIMScheduler(**SCHEDULER_CONFIG, set_alpha_to_one=False)
+    s.set_timesteps(10)
+    t = s.timesteps[2]
+    a = s.alphas_cumprod[t] / s.alphas_cumprod[t - 100]
+    x_next, x_t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    expected = torch.distributions.Normal(a.sqrt() * x_next, (1 - a).sqrt()).log_prob(x_t).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(backward_log_prob(s, x_t, x_next, t, "sum"), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_db_residual_formula():
+    assert db_residual(1.0, 2.0, 0.5, 2.5) == 0.0
+
+
+def test_flow_network_shapes_and_zero_start():
+    net = FlowNetwork(in_channels=4, cross_attention_dim=64)
+    out = net(torch.randn(3, 4, 16, 16), torch.tensor([900, 500, 1]), torch.randn(3, 16, 64))
+    assert out.shape == (3,) and torch.count_nonzero(out) == 0  # head starts at zero
+
+
+@pytest.mark.parametrize("algorithm", ["dag-db", "dag-kl"])
+def test_short_run_with_large_beta_stays_finite(tiny_pipe_dir, tmp_path, algorithm):
+    cfg = load_config(overrides=tiny_run_overrides(
+        tiny_pipe_dir, tmp_path / algorithm, 'reward.terms=[{name="jpeg_incompressibility"}]',
+        f'train.algorithm="{algorithm}"', "train.epochs=2", "dag.reward_exp=10000.0", "dag.anneal_fraction=0.0",
+        "train.learning_rate=1e-2"))
+    result = train(cfg, log=lambda m: None)
+    for h in result.history:
+        for k, v in h.items():
+            if isinstance(v, float):
+                assert math.isfinite(v), f"{k} = {v}"
+    assert (tmp_path / algorithm / "flow.safetensors").is_file()
