@@ -25,7 +25,6 @@ from diffalign.toy.judge import (
 from diffalign.toy.scenes import (
     BACKGROUND,
     COLORS,
-    INVERSE_RELATION,
     NUMBER_WORDS,
     RELATIONS,
     SHAPES,
@@ -124,12 +123,12 @@ def test_rendered_scenes_succeed(scenes):
     assert success.mean() >= 0.99
     assert np.all(partial[success] == 1.0) and np.all(partial[~success] < 1.0)
     assert partial.dtype == np.float32 and success.dtype == bool
-    # The detected objects are the drawn ones, with centres within a pixel.
+    # The detected objects are the drawn ones, with centres within half a pixel.
     for scene, j in zip(scenes[:200], judgements[:200], strict=True):
         drawn = sorted((o.color, o.shape, o.cx, o.cy) for o in scene.objects)
         found = sorted((o.color, o.shape, o.cx, o.cy) for o in j.objects)
         assert [d[:2] for d in drawn] == [f[:2] for f in found], scene.prompt
-        assert np.allclose([d[2:] for d in drawn], [f[2:] for f in found], atol=1.0), scene.prompt
+        assert np.allclose([d[2:] for d in drawn], [f[2:] for f in found], atol=0.5), scene.prompt
 
 
 def near_miss(prompt: str, rng: np.random.Generator) -> str:
@@ -184,13 +183,13 @@ def test_same_meaning_prompt_succeeds():
 # Robustness
 
 PERTURBATIONS = {  # name: (perturbation, scenes used, minimum success rate)
-    "blur sigma 0.7-1.0": (blur, 300, 0.98),
-    "noise std 8": (noise, 300, 0.98),
-    "blur + noise": (lambda im, rng: noise(blur(im, rng), rng), 300, 0.97),
-    "colour drift": (colour_drift, 300, 0.98),
-    "tinted background": (tint, 300, 0.98),
-    "faint specks": (specks, 300, 0.97),
-    "all of the above": (everything, 400, 0.95),
+    "blur sigma 0.7-1.0": (blur, 300, 0.99),
+    "noise std 8": (noise, 300, 0.99),
+    "blur + noise": (lambda im, rng: noise(blur(im, rng), rng), 300, 0.99),
+    "colour drift": (colour_drift, 300, 0.99),
+    "tinted background": (tint, 300, 0.99),
+    "faint specks": (specks, 300, 0.98),
+    "all of the above": (everything, 400, 0.97),
 }
 
 
@@ -212,6 +211,20 @@ def test_specks_alone_are_no_objects():
     blank[:] = BACKGROUND
     images = noise(specks(blank, rng, count=(5, 15)), rng)
     assert sum(len(objs) for objs in detect_batch(images)) == 0
+
+
+def test_garbage_never_succeeds():
+    """Pixel noise, random colour blotches and flat colour fields: no prompt succeeds, and a scatter of
+    blobs scores low even where two of them would fit a relation prompt."""
+    rng = np.random.default_rng(13)
+    pixel_noise = rng.integers(0, 256, (60, 64, 64, 3), dtype=np.uint8)
+    field = ndimage.gaussian_filter(rng.uniform(0, 255, (60, 64, 64, 3)), (0, 5, 5, 0))
+    blotches = _u8((field - field.mean(axis=(1, 2, 3), keepdims=True)) * 10 + 200)
+    flat = np.stack([np.full((64, 64, 3), c, np.uint8) for c in COLORS.values()])
+    for images in (pixel_noise, blotches, flat):
+        success, partial, _ = judge_batch(images, random_prompts(rng, len(images)))
+        assert not success.any()
+        assert partial.max() < 0.6
 
 
 def test_each_shape_and_colour_alone():
@@ -238,7 +251,6 @@ def touching(shape_a, shape_b, colour_a, colour_b, size_a, size_b, angle, overla
 
 @pytest.mark.parametrize("sigma", [0.0, 0.8])
 def test_touching_same_colour_circles_count_two(sigma):
-    rng = np.random.default_rng(17)
     found = []
     for size_a, size_b, angle in [(14, 14, 0), (12, 17, 0), (16, 13, 45), (14, 14, -30), (18, 11, 10),
                                   (13, 13, 60), (15, 15, 0), (11, 12, 0)]:
@@ -306,7 +318,7 @@ def test_partial_orders_count_images():
                                 prompt)
     assert with_two_extra < with_extra < 1.0
     four = partial_of(scene("blue", "square", 3, [SceneObject("blue", "square", 50, 50, 12)]), prompt)
-    assert two == pytest.approx(four) and four < 1.0  # one off either way
+    assert wrong_colour < four < 1.0
 
 
 def test_partial_rises_as_the_relation_comes_true():
@@ -394,7 +406,8 @@ def save_hard_cases(path: str = "docs/judge_hard_cases.png") -> None:
     pair = touching("circle", "circle", "green", "green", 15, 13, 20)
     add("touching circles", draw(pair), "two green circles")
     add("touching circles, blur 1", blur(draw(pair)[None], rng, (1.0, 1.0))[0], "two green circles")
-    add("circle + square touching", draw(touching("circle", "square", "red", "red", 16, 12, 0)), "two red squares")
+    add("circle + square touching", draw(touching("circle", "square", "red", "red", 16, 12, 0)),
+        "a red circle left of a red square")
     scene = render_scene("three yellow triangles", rng)
     add("heavy blur 1.5", blur(scene.image[None], rng, (1.5, 1.5))[0], scene.prompt)
     add("heavy blur 2.5", blur(scene.image[None], rng, (2.5, 2.5))[0], scene.prompt)

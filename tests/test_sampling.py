@@ -5,7 +5,10 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffalign.sampling import (
-    ddim_step_with_logprob, gaussian_log_prob, predict_x0_eps, sample_trajectories,
+    ddim_step_with_logprob,
+    gaussian_log_prob,
+    predict_x0_eps,
+    sample_trajectories,
 )
 from diffalign.toy.model import SCHEDULER_CONFIG
 

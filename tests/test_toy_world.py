@@ -7,7 +7,14 @@ import torch
 from diffalign.toy.model import MAX_TOKENS, learn_word_merges, toy_words
 from diffalign.toy.prompts import PROMPT_DIR, _split, load_prompts
 from diffalign.toy.scenes import (
-    COLORS, SHAPES, PromptSpec, all_count_prompts, all_relation_prompts, parse_prompt, relation_holds, render_scene,
+    COLORS,
+    SHAPES,
+    PromptSpec,
+    all_count_prompts,
+    all_relation_prompts,
+    parse_prompt,
+    relation_holds,
+    render_scene,
 )
 
 

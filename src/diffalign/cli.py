@@ -136,6 +136,22 @@ def _print_eval(result: dict) -> None:
 
 
 @app.command()
+def feedback(config: Path = ConfigOpt, set_: list[str] = SetOpt,
+             evaluator: str = typer.Option("human", help="'human' (the labeling app; prints its URL) or 'simulated'."),
+             resume: bool = typer.Option(False, "--resume", help="Continue after the last finished round.")):
+    """Fine-tune from good/bad/best labels with HERO, D3PO or DDPO-binary."""
+    from .config import load_config
+    from .feedback.loop import run_feedback
+
+    def go():
+        cfg = load_config(config, set_ or [])
+        result = run_feedback(cfg, evaluator=evaluator, resume=resume, log=typer.echo)
+        typer.echo(f"{result.labels_used} labels used; LoRA written to {result.lora_dir}; report "
+                   f"{result.output_dir / 'feedback_report.html'}")
+    _run(go)
+
+
+@app.command()
 def rewards():
     """List the built-in rewards."""
     from .rewards import REWARDS

@@ -11,10 +11,10 @@ are learned from), so ``sample.batch_size`` and ``train.batch_size`` can differ.
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ALGORITHMS = ("ddpo", "dag-db", "dag-kl")
@@ -88,6 +88,43 @@ class DAGConfig(_Section):
     adv_clip_max: float = Field(5.0, gt=0, description="DAG-KL: advantage clip.")
 
 
+class FeedbackConfig(_Section):
+    algorithm: Literal["hero", "d3po", "ddpo-binary"] = Field(
+        "hero", description="hero (learned embedding reward + noise reuse), d3po (DPO on preference pairs), or "
+        "ddpo-binary (DDPO with good = 1, bad = 0).")
+    prompts: str | list[str] = Field(["three red circles"], description="Prompt(s) of the feedback session; one per round, cycled.")
+    rounds: int = Field(10, ge=1, description="Feedback rounds (each: sample, label, update).")
+    images_per_round: int = Field(16, ge=2, description="Images shown per round (the labels a round costs per evaluator).")
+    evaluators_required: int = Field(1, ge=1, description="Submissions that complete a round.")
+    store_dir: str = Field("", description="Feedback store directory (default: <output_dir>/feedback).")
+    host: str = Field("127.0.0.1", description="Labeling app address; another host requires a token.")
+    port: int = Field(8765, ge=0, le=65535, description="Labeling app port (0: pick a free one).")
+    token: str | None = Field(None, description="Access token of the labeling app (generated when serving beyond loopback).")
+    wait_timeout: float | None = Field(None, gt=0, description="Seconds to wait for a round's labels (None: forever).")
+    simulated_noise_rate: float = Field(0.0, ge=0, le=1, description="Simulated evaluator: probability of flipping a label.")
+    simulated_good_threshold: float | None = Field(
+        None, ge=0, le=1, description="Simulated evaluator: good = judge partial >= this (None: good = success).")
+    eval_every: int = Field(1, ge=0, description="Measure toy success on fixed eval seeds every N rounds (0: never).")
+    eval_samples: int = Field(32, ge=1, description="Images per prompt in that measurement.")
+
+
+class HEROConfig(_Section):
+    embedding_dim: int = Field(32, ge=2, description="Size of the feedback-aligned embedding.")
+    learning_rate: float = Field(1e-3, gt=0, description="Learning rate of the embedding encoder.")
+    triplet_margin: float = Field(0.5, gt=0, description="Triplet margin under the cosine distance (1 - cos) / 2.")
+    embed_steps: int = Field(100, ge=1, description="Encoder training steps per round.")
+    reward_mode: Literal["best", "good-mean"] = Field(
+        "best", description="Reward = similarity to the best image, or mean similarity to all good images.")
+    best_noise_fraction: float = Field(0.5, ge=0, le=1, description="Share of the next batch started from the best's noise.")
+    noise_perturbation: float = Field(0.1, ge=0, le=1, description="s in sqrt(1 - s^2) eps_selected + s N(0, I).")
+
+
+class D3POConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature.")
+    ratio_clip: float = Field(0.1, gt=0, lt=1, description="Ratios to the reference are clamped to [1 - c, 1 + c].")
+    group_size: int = Field(2, ge=2, description="Images sampled from one shared initial noise (pairs come from a group).")
+
+
 class RewardTerm(_Section):
     name: str = Field(description="Built-in reward name (see `diffalign rewards`), 'python', or 'http'.")
     weight: float = Field(1.0, description="Weight in the weighted sum.")
@@ -135,6 +172,9 @@ class RunConfig(BaseModel):
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    hero: HEROConfig = Field(default_factory=HEROConfig)
+    d3po: D3POConfig = Field(default_factory=D3POConfig)
 
     @field_validator("output_dir")
     @classmethod
@@ -151,6 +191,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must divide the samples per epoch per process "
                 f"(sample.batch_size x sample.num_batches_per_epoch = {samples})"
+            )
+        if (samples // self.train.batch_size) % self.train.gradient_accumulation_steps:
+            raise ValueError(
+                f"train.gradient_accumulation_steps ({self.train.gradient_accumulation_steps}) must divide the "
+                f"{samples // self.train.batch_size} minibatches of an epoch (samples per epoch / train.batch_size)"
             )
         if per_step > samples:
             raise ValueError(

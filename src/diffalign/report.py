@@ -95,3 +95,38 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>diffalign report</title>"
                    f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     return out
+
+
+def write_feedback_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``feedback_report.html``: success and labels per round, and every round's grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "feedback_report.html"
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    parts = [f"<h1>diffalign feedback session: {html.escape(run_dir.name)}</h1>"]
+    measured = [h for h in history if "success" in h]
+    if measured:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot([h["labels_used"] for h in measured], [h["success"] for h in measured], marker="o")
+        ax.set_xlabel("labels used")
+        ax.set_ylabel("toy success (fixed eval seeds)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        parts.append(f"<img src='data:image/png;base64,{_png(fig)}'>")
+        plt.close(fig)
+    rows = "".join(
+        f"<tr><td>{h['round']}</td><td>{html.escape(h['prompt'])}</td><td>{h['good']}</td><td>{h['labels_used']}</td>"
+        f"<td>{h.get('success', float('nan')):.3f}</td></tr>" for h in history)
+    parts.append("<table><tr><th>round</th><th>prompt</th><th>good</th><th>labels used</th><th>success</th></tr>"
+                 f"{rows}</table><h2>Rounds</h2>")
+    for grid in sorted((run_dir / "rounds").glob("round-*.png")):
+        data = base64.b64encode(grid.read_bytes()).decode("ascii")
+        parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{grid.stem}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}img{image-rendering:pixelated}")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>diffalign feedback</title>"
+                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    return out

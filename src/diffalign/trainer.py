@@ -238,29 +238,23 @@ class Trainer:
         count = 0
         params = self.lora_params + [p for h in self.heads for p in h.parameters() if p.requires_grad]
         for _ in range(cfg.train.num_inner_epochs):
-            order = torch.randperm(n, generator=gen)
-            # Each trajectory trains on its own random subset of steps (timestep_fraction), in random order.
-            step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])[:, : self.trained_steps]
-            for start in range(0, n, cfg.train.batch_size):
-                rows = order[start:start + cfg.train.batch_size]
-                for j in range(self.trained_steps):
-                    k = step_perm[rows, j]  # (b,) step index per trajectory
-                    tr = _transition(traj, rows, k, acc.device)
-                    with acc.accumulate(self.unet, *self.heads):
-                        loss, stats = self.algorithm.loss(tr, self.policy, prepared, epoch)
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            stats["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
-                            self.state.optimizer_steps += 1
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    if not math.isfinite(loss.item()):
-                        raise FloatingPointError(
-                            f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
-                            f"learning rate or the reward scale")
-                    for key, v in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(v)
-                    count += 1
+            for rows, k in self.algorithm.schedule(n, steps, self.trained_steps, cfg.train.batch_size, gen):
+                tr = _transition(traj, rows, k, acc.device)
+                with acc.accumulate(self.unet, *self.heads):
+                    loss, stats = self.algorithm.loss(tr, self.policy, prepared, epoch)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        stats["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                        self.state.optimizer_steps += 1
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(
+                        f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
+                        f"learning rate or the reward scale")
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(v)
+                count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def run_epoch(self, epoch: int) -> dict:
@@ -341,6 +335,11 @@ class Trainer:
                 self.save_checkpoint()
         if progress is not None:
             progress.close()
+        return self.finish()
+
+    def finish(self) -> TrainResult:
+        """Final checkpoint, the LoRA in diffusers format with the resolved config, the algorithm's heads."""
+        cfg, acc = self.cfg, self.accelerator
         self.save_checkpoint()
         lora_dir = self.out / "lora"
         if acc.is_main_process:

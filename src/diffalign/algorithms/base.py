@@ -78,6 +78,19 @@ class Algorithm:
     def bind_prepared(self, modules: dict[str, nn.Module]) -> None:
         """Receive the accelerate-prepared (possibly DDP-wrapped) versions of ``modules()``."""
 
+    def schedule(self, n: int, steps: int, trained_steps: int, batch_size: int, gen: torch.Generator):
+        """Which (trajectory rows, step indices) each accumulation step trains, in order.
+
+        Default (DDPO, DAG): trajectories shuffled into minibatches; each trajectory trains on its own random
+        subset of ``trained_steps`` of its steps, in random order (ddpo-pytorch's timestep shuffling).
+        """
+        order = torch.randperm(n, generator=gen)
+        step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])[:, :trained_steps]
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            for j in range(trained_steps):
+                yield rows, step_perm[rows, j]
+
     def prepare(self, prompts: list[str], rewards: torch.Tensor, epoch: int, context: dict) -> dict:
         """Once per epoch, on the gathered batch (all processes): per-trajectory training targets."""
         raise NotImplementedError

@@ -62,11 +62,13 @@ TRI_SKEW = 0.25  # |skew| beyond this is a triangle (blurred triangles >= 0.3, c
 SQUARE_FILL = 0.87  # between circle (<= 0.83 under blur and noise) and square (>= 0.91)
 CIRCLE_FILL = 0.65  # circles >= 0.70; below, a symmetric shape with empty corners and sides is no toy shape
 MIN_FILL, MAX_ASPECT = 0.35, 1.6  # below / above: a smear that is no toy shape
+MAX_SIZE = 48  # px; toy objects are 11-19 px wide, a blob wider than 3/4 of the image is e.g. a coloured background
 
-# Partial score.
-RELATION_SCALE = 3.0  # px; the relation term halves ~3 px on the wrong side of relation_holds' boundary
-COUNT_WEIGHTS = {"count": 0.40, "colour": 0.25, "shape": 0.25, "relation": 0.0, "extras": 0.10}
-RELATION_WEIGHTS = {"count": 0.20, "colour": 0.25, "shape": 0.20, "relation": 0.25, "extras": 0.10}
+# Partial score: a weighted mean of the terms, times the extras factor 1 / (1 + EXTRA_COST * extras).
+COUNT_WEIGHTS = {"count": 0.45, "colour": 0.275, "shape": 0.275, "relation": 0.0}
+RELATION_WEIGHTS = {"count": 0.20, "colour": 0.25, "shape": 0.25, "relation": 0.30}
+EXTRA_COST = 0.25  # one extra object costs 20%; eight (a scatter of blobs) cost two thirds
+RELATION_SCALE = 3.0  # px; the relation term is ~0.5 three px on the wrong side of relation_holds' boundary
 
 _CHUNK = 256  # images per vectorised pass; bounds memory of the label arrays
 _PLANE8 = np.zeros((3, 3, 3), dtype=bool)
@@ -79,8 +81,10 @@ _PLANE_CROSS[1] = _CROSS3
 
 @dataclass
 class DetectedObject:
-    """One object found in an image: colour, shape, box centre (x right, y down, pixels), box
-    ``(x0, y0, x1, y1)`` in pixel-edge coordinates (like :attr:`SceneObject.box`) and area in pixels."""
+    """One object found in an image: colour, shape, centre (x right, y down, pixels; like
+    :class:`SceneObject`'s, the centre of the shape's box, estimated sub-pixel from the soft centroid), box
+    ``(x0, y0, x1, y1)`` of its pixel mask in pixel-edge coordinates, area of the mask in pixels, and the
+    two shape features ``fill`` and ``skew``."""
 
     color: str
     shape: str
@@ -287,7 +291,7 @@ def _split_component(mask: np.ndarray, solid: np.ndarray) -> list[np.ndarray]:
 
 def _soft_features(labels, n, fg, eroded, sat, bg_sat):
     """Per component, from its soft coverage: fill (area / (widest row x tallest column)), vertical
-    skewness, and aspect (widest row / tallest column, >= 1)."""
+    skewness, aspect (widest row / tallest column, >= 1), centroid x and y, and height (tallest column)."""
     # Coverage of a pixel: its saturation between the background's and the object's interior level. It
     # counts a half-covered edge pixel as half, so stray noisy edge pixels barely move the features and
     # blur (which conserves coverage) hardly changes them.
@@ -310,15 +314,17 @@ def _soft_features(labels, n, fg, eroded, sat, bg_sat):
     rows = np.bincount(lab * height + y, cov, (n + 1) * height).reshape(n + 1, height).max(1)
     cols = np.bincount(lab * width + x, cov, (n + 1) * width).reshape(n + 1, width).max(1)
     fill = mass / np.maximum(rows * cols, 1e-6)
-    dy = y - (np.bincount(lab, cov * y, n + 1) / mass)[lab]
+    mean_x = np.bincount(lab, cov * x, n + 1) / mass
+    mean_y = np.bincount(lab, cov * y, n + 1) / mass
+    dy = y - mean_y[lab]
     var = np.bincount(lab, cov * dy * dy, n + 1) / mass + 1.0 / 12.0  # + 1/12: pixels are not points
     skew = np.bincount(lab, cov * dy ** 3, n + 1) / mass / var ** 1.5
     aspect = np.maximum(rows, cols) / np.maximum(np.minimum(rows, cols), 1e-6)
-    return fill, skew, aspect
+    return fill, skew, aspect, mean_x + 0.5, mean_y + 0.5, cols
 
 
-def _shape_of(fill: float, skew: float, aspect: float) -> str:
-    if aspect > MAX_ASPECT or fill < MIN_FILL:
+def _shape_of(fill: float, skew: float, aspect: float, size: int) -> str:
+    if aspect > MAX_ASPECT or fill < MIN_FILL or size > MAX_SIZE:
         return OTHER
     if skew <= -TRI_SKEW:  # mass towards the bottom (image y grows downwards): an upright triangle
         return "triangle"
@@ -327,6 +333,16 @@ def _shape_of(fill: float, skew: float, aspect: float) -> str:
     if fill >= SQUARE_FILL:
         return "square"
     return "circle" if fill >= CIRCLE_FILL else OTHER
+
+
+def _fill_holes(fg: np.ndarray) -> np.ndarray:
+    """Foreground plus the background pockets it encloses. A toy object has no holes; a speck on one
+    would otherwise make a hole, and eroding a ring breaks it into several cores."""
+    background, m = ndimage.label(~fg, structure=_PLANE_CROSS)
+    reaches_border = np.zeros(m + 1, dtype=bool)
+    for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
+        reaches_border[edge] = True
+    return fg | ~reaches_border[background]
 
 
 def _relabel(labels, n):
@@ -342,7 +358,7 @@ def _class_counts(flat_labels: np.ndarray, classes: np.ndarray, n: int) -> np.nd
 
 def _detect_chunk(images: np.ndarray) -> list[list[DetectedObject]]:
     classes, sat, bg_sat = _pixel_maps(images)
-    fg = classes > 0
+    fg = _fill_holes(classes > 0)
     labels, n = ndimage.label(fg, structure=_PLANE8)
     flat, area, slices = _relabel(labels, n)
     eroded = ndimage.binary_erosion(fg, structure=_PLANE8)
@@ -372,16 +388,20 @@ def _detect_chunk(images: np.ndarray) -> list[list[DetectedObject]]:
 
     # Majority vote of the solid pixels; of all pixels for a thin object without any.
     colour = (_class_counts(flat, solid, n) * 1024 + _class_counts(flat, classes, n)).argmax(1) + 1
-    fill, skew, aspect = _soft_features(labels, n, fg, eroded, sat, bg_sat)
+    fill, skew, aspect, mean_x, mean_y, height = _soft_features(labels, n, fg, eroded, sat, bg_sat)
     found: list[list[DetectedObject]] = [[] for _ in range(len(images))]
     for i, sl in enumerate(slices, start=1):
         if sl is None or area[i] < MIN_AREA:
             continue
         im, ys, xs = sl
-        box = (float(xs.start), float(ys.start), float(xs.stop), float(ys.stop))
+        shape = _shape_of(fill[i], skew[i], aspect[i], max(ys.stop - ys.start, xs.stop - xs.start))
+        # The centre of the object's box, from its soft centroid: sub-pixel, unmoved by blur or an attached
+        # speck (which would stretch the mask's box). A triangle's centroid is 1/6 of its height below.
+        cy = mean_y[i] - (height[i] / 6.0 if shape == "triangle" else 0.0)
         found[im.start].append(DetectedObject(
-            CLASS_NAMES[colour[i]], _shape_of(fill[i], skew[i], aspect[i]), (box[0] + box[2]) / 2,
-            (box[1] + box[3]) / 2, box, int(area[i]), float(fill[i]), float(skew[i]),
+            CLASS_NAMES[colour[i]], shape, float(mean_x[i]), float(cy),
+            (float(xs.start), float(ys.start), float(xs.stop), float(ys.stop)), int(area[i]),
+            float(fill[i]), float(skew[i]),
         ))
     for objs in found:
         objs.sort(key=lambda o: (o.cx, o.cy))  # reading order, so results do not depend on label order
@@ -456,18 +476,23 @@ def _relation_term(relation: str, first: DetectedObject, second: DetectedObject)
 
 
 def _score(terms: dict, weights: dict) -> float:
-    return float(sum(weights[k] * terms[k] for k in weights))
+    return float(sum(w * terms[k] for k, w in weights.items()) * terms["extras"])
+
+
+def _extras(n_extra: int) -> float:
+    return 1.0 / (1.0 + EXTRA_COST * n_extra)
 
 
 def _judge_count(spec: PromptSpec, objs: list[DetectedObject]) -> Judgement:
     n = len(objs)
-    n_colour = sum(o.color == spec.color for o in objs)
+    n_other = sum(o.shape == OTHER for o in objs)  # shapeless blobs: extras, whatever their colour
+    n_colour = sum(o.color == spec.color and o.shape != OTHER for o in objs)
     terms = {
-        "count": 1.0 / (1.0 + abs(n_colour - spec.count)),
-        "colour": n_colour / n if n else 0.0,
+        "count": 1.0 / (1.0 + abs(n_colour - spec.count)),  # toy objects of the asked colour, any shape
+        "colour": sum(o.color == spec.color for o in objs) / n if n else 0.0,
         "shape": sum(o.shape == spec.shape for o in objs) / n if n else 0.0,
         "relation": 1.0,
-        "extras": 1.0 / (1.0 + n - n_colour),
+        "extras": _extras(max(n - n_other - spec.count, 0) + n_other),
     }
     success = n == spec.count and all(o.color == spec.color and o.shape == spec.shape for o in objs)
     partial = 1.0 if success else min(_score(terms, COUNT_WEIGHTS), 0.999)
@@ -476,10 +501,12 @@ def _judge_count(spec: PromptSpec, objs: list[DetectedObject]) -> Judgement:
 
 def _judge_relation(spec: PromptSpec, objs: list[DetectedObject]) -> Judgement:
     n = len(objs)
+    n_other = sum(o.shape == OTHER for o in objs)
     a, b = spec.first, spec.second
-    base = {"count": min(n, 2) / 2, "extras": 1.0 / (1.0 + max(n - 2, 0))}
+    # The count term only misses objects here: the extras factor already charges for more than two.
+    base = {"count": 1.0 / (1.0 + max(2 - (n - n_other), 0)), "extras": _extras(max(n - n_other - 2, 0) + n_other)}
     best = {**base, "colour": 0.0, "shape": 0.0, "relation": 0.0}
-    if n == 1:  # half of the asked objects, in whichever role fits it better
+    if n == 1:  # half of what is asked, in whichever role the object fits better
         o = objs[0]
         for want in (a, b):
             cand = {**base, "colour": (o.color == want.color) / 2, "shape": (o.shape == want.shape) / 2,
@@ -487,7 +514,7 @@ def _judge_relation(spec: PromptSpec, objs: list[DetectedObject]) -> Judgement:
             if _score(cand, RELATION_WEIGHTS) > _score(best, RELATION_WEIGHTS):
                 best = cand
     success = False
-    for i, p in enumerate(objs):
+    for i, p in enumerate(objs):  # the ordered pair of objects that fits the prompt best
         for j, q in enumerate(objs):
             if i == j:
                 continue

@@ -28,8 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from .model import (
-    MAX_TOKENS, build_inference_scheduler, build_text_encoder, build_tokenizer, build_train_scheduler,
-    build_unet, build_vae,
+    MAX_TOKENS,
+    build_inference_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_train_scheduler,
+    build_unet,
+    build_vae,
 )
 from .prompts import load_prompts
 from .scenes import parse_prompt, render_scene

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from diffalign.algorithms.d3po import D3PO, dpo_loss, preference_pairs
+from diffalign.algorithms.hero import HERO, RoundLabels, cosine_distance, make_triplets, triplet_loss
+from diffalign.config import D3POConfig, HEROConfig
+
+
+def _labels(good, best=None, prev=False):
+    return RoundLabels(torch.tensor(good, dtype=torch.bool), best, prev)
+
+
+def test_triplet_loss_uses_cosine_distance_and_margin():
+    a = torch.tensor([[1.0, 0.0]])
+    same, opposite = torch.tensor([[2.0, 0.0]]), torch.tensor([[-1.0, 0.0]])
+    assert cosine_distance(a, same).item() == pytest.approx(0.0)
+    assert cosine_distance(a, opposite).item() == pytest.approx(1.0)
+    assert triplet_loss(a, same, opposite, margin=0.5).item() == 0.0  # 0 - 1 + 0.5 < 0
+    assert triplet_loss(a, opposite, same, margin=0.5).item() == pytest.approx(1.5)
+
+
+def test_triplets_edge_cases():
+    # Normal round: anchor = best, positives = other good, negatives = bad.
+    assert sorted(make_triplets(_labels([1, 1, 0, 0], best=0), 4, 0)) == [(0, 1, 2), (0, 1, 3)]
+    # Only the best is good: the anchor is its own positive.
+    assert make_triplets(_labels([1, 0, 0], best=0), 3, 0) == [(0, 0, 1), (0, 0, 2)]
+    # No good image (no best) or no bad image: nothing to learn.
+    assert make_triplets(_labels([0, 0, 0]), 3, None) == []
+    assert make_triplets(_labels([1, 1], best=1), 2, 1) == []
+
+
+def test_best_from_candidate_list_is_the_previous_best():
+    torch.manual_seed(0)
+    hero = HERO(HEROConfig(embed_steps=5))
+    prev = torch.randn(4, 16, 16)
+    hero.best_latent = prev.clone()
+    latents = torch.randn(3, 4, 16, 16)
+    # Evaluators preferred the previous best over this batch: it anchors, batch good images are positives.
+    stats = hero.update(latents, _labels([1, 0, 0], best=None, prev=True), torch.Generator().manual_seed(0))
+    assert stats["triplets"] == 2  # (prev, good 0, bad 1), (prev, good 0, bad 2)
+    torch.testing.assert_close(hero.best_latent, prev)
+
+
+def test_no_good_round_keeps_encoder_and_gives_zero_advantage_rewards():
+    hero = HERO(HEROConfig(embed_steps=5))
+    before = {k: v.clone() for k, v in hero.encoder.state_dict().items()}
+    latents = torch.randn(4, 4, 16, 16)
+    stats = hero.update(latents, _labels([0, 0, 0, 0]), torch.Generator().manual_seed(0))
+    assert stats["triplets"] == 0
+    assert all(torch.equal(before[k], v) for k, v in hero.encoder.state_dict().items())
+    r = hero.rewards(latents, torch.zeros(4, dtype=torch.bool))
+    assert torch.all(r == r[0])  # no preference yet: equal rewards, so no policy update
+
+
+def test_encoder_learns_to_rank_good_above_bad():
+    torch.manual_seed(0)
+    hero = HERO(HEROConfig(embed_steps=200, learning_rate=3e-3))
+    good_kind = torch.randn(1, 4, 16, 16)
+    bad_kind = torch.randn(1, 4, 16, 16)
+    latents = torch.cat([good_kind + 0.3 * torch.randn(4, 4, 16, 16), bad_kind + 0.3 * torch.randn(4, 4, 16, 16)])
+    labels = _labels([1, 1, 1, 1, 0, 0, 0, 0], best=0)
+    hero.update(latents, labels, torch.Generator().manual_seed(0))
+    fresh = torch.cat([good_kind + 0.3 * torch.randn(6, 4, 16, 16), bad_kind + 0.3 * torch.randn(6, 4, 16, 16)])
+    r = hero.rewards(fresh, torch.zeros(12, dtype=torch.bool))
+    assert r[:6].min() > r[6:].max()
+
+
+def test_noise_reuse_fractions_and_perturbation():
+    hero = HERO(HEROConfig(best_noise_fraction=0.5, noise_perturbation=0.1))
+    noises = torch.randn(8, 4, 16, 16)
+    nxt = hero.next_noises(noises, _labels([1, 0, 1, 0, 0, 1, 0, 0], best=2), 8, torch.Generator().manual_seed(0))
+    corr = [torch.nn.functional.cosine_similarity(nxt[i].flatten(), noises[j].flatten(), dim=0).item()
+            for i in range(8) for j in (2,)]
+    assert sum(c > 0.95 for c in corr) == 4  # half from the best's noise, close but not equal
+    assert all(not torch.equal(nxt[i], noises[2]) for i in range(8))
+    rest = nxt[4:]
+    for i, j in enumerate([0, 5, 0, 5]):  # the other good images' noises, in turn
+        assert torch.nn.functional.cosine_similarity(rest[i].flatten(), noises[j].flatten(), dim=0) > 0.95
+    # Unit variance is kept: sqrt(1 - s^2) eps + s z.
+    assert 0.9 < nxt.std().item() < 1.1
+    # Nothing preferred ever: fresh noise.
+    assert HERO(HEROConfig()).next_noises(noises, _labels([0] * 8), 8, torch.Generator()) is None
+
+
+def test_preference_pairs_best_good_bad_within_groups():
+    good = [True, True, False, False]
+    pairs = preference_pairs(good, best=0, groups=[[0, 1], [2, 3]])
+    assert pairs == [(0, 1)]  # group 2 has two bad images: no preference
+    pairs = preference_pairs([True, False, True, False], best=2, groups=[[0, 1, 2, 3]])
+    assert set(pairs) == {(0, 1), (0, 3), (2, 0), (2, 1), (2, 3)}
+
+
+def test_dpo_loss_prefers_winner():
+    w = torch.zeros(3, requires_grad=True)
+    loss = dpo_loss(w, torch.zeros(3), beta=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert torch.all(w.grad < 0)  # raising the winner's log-ratio lowers the loss
+
+
+def test_d3po_schedule_pairs_share_a_step():
+    algo = D3PO(D3POConfig())
+    algo.set_pairs([(0, 1), (2, 3), (4, 5)])
+    items = list(algo.schedule(6, steps=5, trained_steps=5, batch_size=4, gen=torch.Generator().manual_seed(0)))
+    assert len(items) == 2 * 5
+    for rows, k in items:
+        m = len(rows) // 2
+        assert all((int(rows[i]), int(rows[m + i])) in {(0, 1), (2, 3), (4, 5)} for i in range(m))
+        assert torch.all(k == k[0])
