@@ -174,6 +174,32 @@ def toy_train(out: Path = typer.Option(Path("runs/toy-pretrain"), help="Working 
     _run(lambda: train_toy_model(cfg, log=lambda m: typer.echo(m)))
 
 
+@toy_app.command("card")
+def toy_card(model: str = typer.Option("toy", help="Pipeline to measure ('toy' or a directory)."),
+             out: Path = typer.Option(Path("docs"), help="Where the card and its PNGs go."),
+             samples: int = typer.Option(16, help="Images per count prompt.")):
+    """Measure the toy pipeline with the judge; write docs/toy_model_card.md and hard_counting.txt."""
+    import json as _json
+
+    from .pipeline import load_pipeline, resolve_model
+    from .toy.card import CardSettings, measure, write_card
+
+    def go():
+        pipe = load_pipeline(model)
+        results = measure(pipe, CardSettings(samples_count=samples), log=typer.echo)
+        model_dir = Path(resolve_model(model))
+        info = model_dir / "toy_training.json"
+        training = _json.loads(info.read_text()) if info.is_file() else None
+        flat = None
+        if training:
+            flat = {"unet steps": training.get("unet_step"), **{k: v for k, v in training["config"].items()
+                                                                if k not in ("out_dir", "export_dir")}}
+            flat.update({k: v for k, v in training.items() if k.startswith("time")})
+        card = write_card(results, out, model_dir, "diffalign toy train --export src/diffalign/toy/model", flat)
+        typer.echo(f"model card: {card}")
+    _run(go)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:

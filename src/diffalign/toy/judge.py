@@ -46,7 +46,7 @@ _N_CLASSES = len(CLASS_NAMES)
 # background raises its median saturation; the threshold then sits SAT_BG_MARGIN above it (at most 0.45).
 SAT_MIN, SAT_BG_MARGIN, SAT_MAX = 0.30, 0.15, 0.45
 VALUE_MIN = 0.15  # darker pixels have no reliable hue
-HUE_TOL = 45.0  # degrees; the four hues are 47-94 degrees apart, so a drift of a few degrees is harmless
+HUE_TOL = 45.0  # degrees; the four hues are 47-95 degrees apart, so a drift of a few degrees is harmless
 
 # Objects. The smallest rendered object (an 11 px triangle) covers ~55 px; specks are a few px.
 MIN_AREA = 16
@@ -58,11 +58,11 @@ BAR_ASPECT, BAR_FILL = 1.5, 0.8  # a filled box this elongated is touching squar
 # area / (widest row x tallest column): square 1, circle pi/4, triangle 1/2. Vertical skewness: an upright
 # triangle -0.57 (its mass sits low), circle and square 0.
 SOFT_FLOOR = 0.03  # saturation above the background's that still counts as none: background noise
-TRI_SKEW = 0.25  # |skew| beyond this is a triangle (blurred triangles >= 0.3, circles/squares <= 0.1)
-SQUARE_FILL = 0.87  # between circle (<= 0.83 under blur and noise) and square (>= 0.91)
-CIRCLE_FILL = 0.65  # circles >= 0.70; below, a symmetric shape with empty corners and sides is no toy shape
+TRI_SKEW = 0.25  # perturbed triangles <= -0.37, circles and squares within +-0.13
+SQUARE_FILL = 0.87  # circles <= 0.85, squares >= 0.93 under blur + noise (>= 0.86 with a speck attached)
+CIRCLE_FILL = 0.65  # circles >= 0.72; below, a symmetric shape with empty corners and sides is no toy shape
 MIN_FILL, MAX_ASPECT = 0.35, 1.6  # below / above: a smear that is no toy shape
-MAX_SIZE = 48  # px; toy objects are 11-19 px wide, a blob wider than 3/4 of the image is e.g. a coloured background
+MAX_SIZE = 48  # px; toy objects are 11-19 px wide, a wider blob is e.g. a coloured background
 
 # Partial score: a weighted mean of the terms, times the extras factor 1 / (1 + EXTRA_COST * extras).
 COUNT_WEIGHTS = {"count": 0.45, "colour": 0.275, "shape": 0.275, "relation": 0.0}
@@ -387,7 +387,8 @@ def _detect_chunk(images: np.ndarray) -> list[list[DetectedObject]]:
         flat, area, slices = _relabel(labels, n)
 
     # Majority vote of the solid pixels; of all pixels for a thin object without any.
-    colour = (_class_counts(flat, solid, n) * 1024 + _class_counts(flat, classes, n)).argmax(1) + 1
+    votes = _class_counts(flat, solid, n) * (IMAGE_SIZE * IMAGE_SIZE + 1) + _class_counts(flat, classes, n)
+    colour = votes.argmax(1) + 1
     fill, skew, aspect, mean_x, mean_y, height = _soft_features(labels, n, fg, eroded, sat, bg_sat)
     found: list[list[DetectedObject]] = [[] for _ in range(len(images))]
     for i, sl in enumerate(slices, start=1):
