@@ -115,3 +115,11 @@ def test_process_generators_differ_and_repeat():
     b = torch.randn(4, generator=epoch_generator(0, 1, 3, 0))
     c = torch.randn(4, generator=epoch_generator(0, 0, 3, 0))
     assert not torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_trajectory_generators_are_global_and_distinct():
+    from diffalign.trainer import trajectory_generator
+
+    draws = [torch.randn(3, generator=trajectory_generator(0, 1, g)) for g in range(6)]
+    assert all(not torch.equal(draws[i], draws[j]) for i in range(6) for j in range(i + 1, 6))
+    assert torch.equal(draws[4], torch.randn(3, generator=trajectory_generator(0, 1, 4)))

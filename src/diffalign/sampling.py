@@ -201,7 +201,7 @@ def sample_trajectories(
     num_steps: int = 20,
     guidance_scale: float = 5.0,
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     initial_noise: torch.Tensor | None = None,
     reduction: str = "mean",
     decode: bool = True,
@@ -211,7 +211,8 @@ def sample_trajectories(
 
     ``initial_noise`` (B, C, h, w) starts the chains from given noises (HERO re-uses preferred noises);
     otherwise it is drawn from ``generator`` exactly as the stock pipeline draws it, so that the same
-    generator gives the same images as ``pipe(prompts, eta=eta, generator=generator)``.
+    generator gives the same images as ``pipe(prompts, eta=eta, generator=generator)``. A list of B
+    generators gives every trajectory its own random stream (what the trainer uses).
     """
     unet = unet or pipe.unet
     scheduler = pipe.scheduler

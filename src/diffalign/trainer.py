@@ -3,9 +3,11 @@
 Every algorithm (DDPO, DAG-DB, DAG-KL; HERO and D3PO through the feedback loop) runs through
 :func:`train_epoch`; they differ only in ``algorithm.prepare`` and ``algorithm.loss``.
 
-Determinism: the random draws of epoch e on process p (prompts, initial noises, DDIM noises, the
-shuffles of trajectories and timesteps) come from generators seeded with (seed, p, e), so a resumed run
-repeats exactly what the uninterrupted run would have done, and no two processes sample the same noise.
+Determinism: trajectory g of epoch e (g global over processes) draws its prompt, initial noise and DDIM
+noises from its own generator seeded with (seed, e, g); the shuffles of trajectories and timesteps come
+from a generator seeded with (seed, process, e). A resumed run therefore repeats exactly what the
+uninterrupted run would have done, no two processes sample the same noise, and the samples of an epoch
+do not depend on how the global batch is split over processes.
 
 Checkpoints hold only what is trained (the LoRA, the algorithm's heads), the optimizer, the algorithm's
 state (DDPO's per-prompt statistics) and the history; they are written to a temporary directory and
@@ -36,6 +38,11 @@ from .sampling import Trajectories, sample_trajectories
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "COMPLETE"
+
+
+def trajectory_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of trajectory ``index`` (global, over all processes) of an epoch."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, index, 7]).generate_state(1)[0]))
 
 
 def epoch_generator(seed: int, process: int, epoch: int, stream: int) -> torch.Generator:
@@ -181,21 +188,26 @@ class Trainer:
     def sample_epoch(self, epoch: int) -> tuple[Trajectories | None, torch.Tensor | None, dict]:
         """Steps 1-3: draw prompts, sample trajectories, score them (scoring overlaps the next batch)."""
         cfg, acc = self.cfg, self.accelerator
-        gen = epoch_generator(cfg.train.seed, self.rank, epoch, 0)
         base_unet = acc.unwrap_model(self.unet)
         pool = RewardPool(self.reward, cfg.reward.workers)
+        per_process = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
         pending = []
         try:
             for b in range(cfg.sample.num_batches_per_epoch):
+                # Trajectory g of the epoch (global index, the order gather uses) draws everything from its
+                # own generator: processes never share noise, and the samples do not depend on how the
+                # global batch is split over processes.
+                first = self.rank * per_process + b * cfg.sample.batch_size
+                gens = [trajectory_generator(cfg.train.seed, epoch, first + i) for i in range(cfg.sample.batch_size)]
                 if cfg.sample.same_prompt_per_batch:
-                    prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=gen))]] * cfg.sample.batch_size
+                    pick = int(torch.randint(len(self.prompts), (1,), generator=gens[0]))
+                    prompts = [self.prompts[pick]] * cfg.sample.batch_size
                 else:
-                    idx = torch.randint(len(self.prompts), (cfg.sample.batch_size,), generator=gen)
-                    prompts = [self.prompts[i] for i in idx.tolist()]
+                    prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))] for g in gens]
                 base_unet.eval()
                 traj = sample_trajectories(
                     self.pipe, prompts, cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta,
-                    generator=gen, reduction=cfg.sample.log_prob_reduction, unet=base_unet,
+                    generator=gens, reduction=cfg.sample.log_prob_reduction, unet=base_unet,
                 )
                 pending.append((traj, pool.submit(traj.images, prompts, traj.metadata, batch=f"{epoch}.{b}")))
             kept, scores, infos = [], [], []
