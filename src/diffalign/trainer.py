@@ -5,9 +5,17 @@ Every algorithm (DDPO, DAG-DB, DAG-KL; HERO and D3PO through the feedback loop) 
 
 Determinism: trajectory g of epoch e (g global over processes) draws its prompt, initial noise and DDIM
 noises from its own generator seeded with (seed, e, g); the shuffles of trajectories and timesteps come
-from a generator seeded with (seed, process, e). A resumed run therefore repeats exactly what the
-uninterrupted run would have done, no two processes sample the same noise, and the samples of an epoch
-do not depend on how the global batch is split over processes.
+from a generator seeded with (seed, e), the same on every process, from which the algorithm's schedule
+derives the global minibatches (each process trains its share of each). A resumed run therefore repeats
+exactly what the uninterrupted run would have done, no two processes sample the same noise, and neither
+the samples of an epoch nor the minibatches depend on how the global batch is split over processes: a
+run on N processes with ``train.batch_size`` B/N follows the 1-process run with B up to float rounding.
+
+Multi-process (``accelerate launch``, DDP): rewards are computed where the images are; rewards and
+prompts are gathered before ``algorithm.prepare``, whose per-trajectory targets are sliced back to each
+process; logged training statistics are averaged over processes. ``DIFFALIGN_CHECK_SYNC=1`` makes every
+optimizer step assert that all processes hold bit-identical trained weights (a debugging aid, off by
+default; main process writes the digests to ``sync_check.jsonl``).
 
 Checkpoints hold only what is trained (the LoRA, the algorithm's heads), the optimizer, the algorithm's
 state (DDPO's per-prompt statistics) and the history; they are written to a temporary directory and
@@ -16,6 +24,7 @@ renamed into place, so a crash mid-write never leaves a checkpoint that loads wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -70,7 +79,7 @@ class Trainer:
     """Holds the pieces of a run; :meth:`fit` runs it. Built from a validated :class:`RunConfig`."""
 
     def __init__(self, cfg: RunConfig, reward=None, pipe=None, algorithm=None, log=print):
-        self.cfg, self.log = cfg, log
+        self.cfg, self._log_here = cfg, log
         self.out = Path(cfg.output_dir)
         self.trained_steps = max(1, int(round(cfg.sample.num_steps * cfg.train.timestep_fraction)))
         tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
@@ -81,6 +90,9 @@ class Trainer:
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        # Messages come from the main process only (N processes would print everything N times).
+        self.log = log if acc.is_main_process else _quiet
+        self.check_sync = os.environ.get("DIFFALIGN_CHECK_SYNC", "") not in ("", "0")
         torch.manual_seed(cfg.train.seed + self.rank)  # LoRA init uses the global RNG: same on every rank below
         # 1. Model: the pipeline, frozen, with a LoRA on the UNet (same initial LoRA on every process).
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model.id, cfg.model.revision)
@@ -107,6 +119,7 @@ class Trainer:
         prepared = acc.prepare(self.pipe.unet, optimizer, *heads)
         self.unet, self.optimizer, self.heads = prepared[0], prepared[1], list(prepared[2:])
         self.algorithm.bind_prepared(dict(zip(head_names, self.heads)))
+        self.algorithm.bind_layout(self.rank, self.world)
         self._register_checkpoint_hooks()
         acc.register_for_checkpointing(_AlgorithmState(self.algorithm))
         self.policy = Policy(self.unet, self.pipe.scheduler, cfg.sample.guidance_scale, cfg.sample.eta,
@@ -162,6 +175,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its part (RNG states) before the rename
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(self.state.__dict__, default=_json_default))
             (tmp / COMPLETE_MARKER).write_text(str(self.state.epoch))
@@ -190,6 +204,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         base_unet = acc.unwrap_model(self.unet)
         pool = RewardPool(self.reward, cfg.reward.workers)
+        log_here = self._log_here
         per_process = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
         pending = []
         try:
@@ -218,7 +233,8 @@ class Trainer:
                 except RewardError as e:
                     if cfg.reward.on_error == "stop":
                         raise
-                    self.log(f"warning: {e}; skipping this batch (reward.on_error='skip_batch')")
+                    where = f" (process {self.rank})" if self.world > 1 else ""
+                    log_here(f"warning{where}: {e}; skipping this batch (reward.on_error='skip_batch')")
                     ok, total, info = False, None, {}
                 # A batch is kept only if every process scored its part, so gathered shapes agree.
                 all_ok = bool(acc.gather(torch.tensor([ok], device=acc.device)).all())
@@ -241,7 +257,9 @@ class Trainer:
     def train_on(self, traj: Trajectories, prepared: dict, epoch: int) -> dict:
         """Steps 5-6: inner epochs over shuffled trajectories and shuffled timesteps; loss; optimizer."""
         cfg, acc = self.cfg, self.accelerator
-        gen = epoch_generator(cfg.train.seed, self.rank, epoch, 1)
+        # The same generator on every process: the schedule draws global minibatches from it and each
+        # process takes its share, so the optimisation path does not depend on the number of processes.
+        gen = epoch_generator(cfg.train.seed, 0, epoch, 1)
         n, steps = len(traj), traj.num_steps
         self.unet.train()
         for h in self.heads:
@@ -260,6 +278,8 @@ class Trainer:
                         self.state.optimizer_steps += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                if self.check_sync and acc.sync_gradients:
+                    self.assert_in_sync(params, f"optimizer step {self.state.optimizer_steps}")
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(
                         f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
@@ -268,6 +288,18 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + float(v)
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def assert_in_sync(self, tensors: list[torch.Tensor], where: str) -> str:
+        """Raise unless every process holds bit-identical ``tensors``; returns their digest (debugging aid)."""
+        digest = tensor_digest(tensors)
+        digests = gather_objects(self.accelerator, digest)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"processes diverged after {where}: trained weights differ ({digests}); a process "
+                               f"trained on something the others did not see, or its numerics differ")
+        if self.accelerator.is_main_process:
+            with open(self.out / "sync_check.jsonl", "a") as f:
+                f.write(json.dumps({"where": where, "processes": self.world, "digest": digest}) + "\n")
+        return digest
 
     def run_epoch(self, epoch: int) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -284,9 +316,10 @@ class Trainer:
                    "num_epochs": cfg.train.epochs, "rank": self.rank, "local_size": len(traj)}
         prepared_global = self.algorithm.prepare(all_prompts, all_rewards, epoch, context)
         prepared = _local_slice(prepared_global, self.rank, len(traj), self.world)
-        # 5-6. Train.
+        # 5-6. Train; the logged statistics describe the global batch, not the main process's share.
         t1 = time.time()
-        stats = self.train_on(traj, prepared, epoch)
+        stats = mean_over_processes(acc, self.train_on(traj, prepared, epoch))
+        info = mean_over_processes(acc, info)
         t_train = time.time() - t1
         # 7. Bookkeeping.
         self.state.epoch = epoch + 1
@@ -331,8 +364,9 @@ class Trainer:
                 if acc.is_main_process:  # metrics.jsonl may hold epochs after the checkpoint: rewrite it
                     with open(self.out / "metrics.jsonl", "w") as f:
                         f.writelines(json.dumps(m) + "\n" for m in self.state.history)
-        elif acc.is_main_process and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+        elif acc.is_main_process:
+            for stale in ("metrics.jsonl", "sync_check.jsonl"):
+                (self.out / stale).unlink(missing_ok=True)
         if cfg.log.tracker != "none":
             acc.init_trackers("diffalign", config=_flat_config(cfg))
         derived = cfg.derived(self.world)
@@ -396,6 +430,30 @@ def _gather_strings(acc, items: list[str]) -> list[str]:
     return list(gather_object(list(items)))
 
 
+def gather_objects(acc, obj) -> list:
+    """One picklable object per process, in process order, on every process."""
+    if acc.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+    return list(gather_object([obj]))
+
+
+def mean_over_processes(acc, stats: dict) -> dict:
+    """Average per-process statistics (equal-sized shares, so this is the global mean)."""
+    if acc.num_processes == 1:
+        return stats
+    per_process = gather_objects(acc, stats)
+    keys = dict.fromkeys(k for d in per_process for k in d)
+    return {k: float(np.mean([d[k] for d in per_process if k in d])) for k in keys}
+
+
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _local_slice(prepared: dict, rank: int, n: int, world: int) -> dict:
     """Per-trajectory tensors of the gathered batch -> this process's rows (gather is in rank order).
     Anything else (scalars, tensors of another length) passes through unchanged."""
@@ -430,6 +488,10 @@ def _progress(enabled: bool, total: int, initial: int):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc="epochs", unit="epoch")
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _json_default(o):

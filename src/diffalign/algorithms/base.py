@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,18 +79,41 @@ class Algorithm:
     def bind_prepared(self, modules: dict[str, nn.Module]) -> None:
         """Receive the accelerate-prepared (possibly DDP-wrapped) versions of ``modules()``."""
 
+    # (this process, number of processes): where this process's trajectories sit in an epoch's global order.
+    layout: tuple[int, int] = (0, 1)
+
+    def bind_layout(self, process: int, num_processes: int) -> None:
+        """Set by the trainer; the default schedule needs it to train this process's share of each minibatch."""
+        self.layout = (process, num_processes)
+
     def schedule(self, n: int, steps: int, trained_steps: int, batch_size: int, gen: torch.Generator):
         """Which (trajectory rows, step indices) each accumulation step trains, in order.
 
-        Default (DDPO, DAG): trajectories shuffled into minibatches; each trajectory trains on its own random
-        subset of ``trained_steps`` of its steps, in random order (ddpo-pytorch's timestep shuffling).
+        Default (DDPO, DAG): each pass trains every trajectory once, on its own random subset of
+        ``trained_steps`` of its steps, in random order (ddpo-pytorch's timestep shuffling).
+
+        The minibatches do not depend on how many processes there are, so that 2 processes with
+        ``batch_size`` B/2 take the same optimizer steps as 1 process with B. The epoch's trajectories, in
+        their global order (process 0's first), are cut into ``batch_size x processes`` contiguous strata;
+        global minibatch j takes the j-th member of every stratum in that stratum's random order, and a
+        process trains its share: the ``batch_size`` strata it holds. The orders and the step subsets come
+        from one generator per stratum, keyed by the global stratum index and a seed drawn from ``gen``
+        (the trainer gives every process the same ``gen``). Strata have equal sizes when ``batch_size``
+        divides ``n`` (the config checks it; after a skipped reward batch the last minibatch is smaller).
         """
-        order = torch.randperm(n, generator=gen)
-        step_perm = torch.stack([torch.randperm(steps, generator=gen) for _ in range(n)])[:, :trained_steps]
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            for j in range(trained_steps):
-                yield rows, step_perm[rows, j]
+        process, _ = self.layout
+        seed = int(torch.randint(2**62, (1,), generator=gen))
+        orders, step_perm = [], torch.empty((n, trained_steps), dtype=torch.long)
+        for s, members in enumerate(torch.arange(n).tensor_split(batch_size)):
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, process * batch_size + s])
+                                                  .generate_state(1)[0]))
+            orders.append(members[torch.randperm(len(members), generator=g)])
+            for i in members.tolist():
+                step_perm[i] = torch.randperm(steps, generator=g)[:trained_steps]
+        for j in range(max((len(o) for o in orders), default=0)):
+            rows = torch.stack([o[j] for o in orders if j < len(o)])
+            for k in range(trained_steps):
+                yield rows, step_perm[rows, k]
 
     def prepare(self, prompts: list[str], rewards: torch.Tensor, epoch: int, context: dict) -> dict:
         """Once per epoch, on the gathered batch (all processes): per-trajectory training targets."""

@@ -13,12 +13,23 @@ One round, numbered steps:
 The trainer's checkpoint holds the LoRA, the optimizer, HERO's encoder and the loop's own state, so
 ``--resume`` continues after the last finished round; a round interrupted while waiting is found again
 in the store with the labels already given.
+
+On several processes (``accelerate launch``) a round is still one round of ``images_per_round`` images:
+each process samples its share from its slice of the round's initial noises, the images are gathered to
+the main process, which alone touches the store (creates the round, runs the simulated evaluator or
+waits for people), and the round's labels are broadcast back. Everything that must be the same on every
+process - the initial noises, HERO's encoder (trained on the gathered final latents), its rewards and
+next noises, D3PO's pairs - is computed from gathered data with a generator that is the same on every
+process; only the DDIM noise of sampling is per process. HERO and DDPO-binary train each process on its
+own images (advantages from the gathered rewards); D3PO deals the round's pairs out evenly and every
+process trains its pairs on the gathered trajectories, so all processes take the same number of steps.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +42,8 @@ from ..algorithms.hero import HERO, RoundLabels
 from ..config import RunConfig
 from ..prompts import resolve_prompts
 from ..rewards import to_uint8_images
-from ..sampling import sample_trajectories
-from ..trainer import Trainer, epoch_generator
+from ..sampling import Trajectories, sample_trajectories
+from ..trainer import Trainer, _local_slice, epoch_generator, mean_over_processes
 from .store import FeedbackStore
 
 
@@ -72,11 +83,15 @@ class FeedbackResult:
     labels_used: int
 
 
-def _check(cfg: RunConfig) -> None:
+def _check(cfg: RunConfig, processes: int = 1) -> None:
     fb = cfg.feedback
-    if fb.images_per_round % cfg.train.batch_size and fb.algorithm != "d3po":
-        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must divide feedback.images_per_round "
-                         f"({fb.images_per_round})")
+    if fb.images_per_round % processes:
+        raise ValueError(f"feedback.images_per_round ({fb.images_per_round}) must be a multiple of the "
+                         f"{processes} processes (each samples an equal share of a round)")
+    share = fb.images_per_round // processes
+    if share % cfg.train.batch_size and fb.algorithm != "d3po":
+        what = "feedback.images_per_round" if processes == 1 else "each process's share of a round"
+        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must divide {what} ({share})")
     if fb.algorithm == "d3po" and fb.images_per_round % cfg.d3po.group_size:
         raise ValueError(f"d3po.group_size ({cfg.d3po.group_size}) must divide feedback.images_per_round "
                          f"({fb.images_per_round})")
@@ -119,33 +134,41 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
     algo = D3PO(cfg.d3po) if fb.algorithm == "d3po" else DDPO(cfg.ddpo)
     trainer = Trainer(cfg, reward=_NoReward(), algorithm=algo, log=log)
     acc = trainer.accelerator
-    if acc.num_processes > 1:
-        raise NotImplementedError("feedback runs are single-process for now (one round gathers one batch)")
+    _check(cfg, acc.num_processes)
+    main = acc.is_main_process
+    log = trainer.log  # the main process speaks for all
     hero = HERO(cfg.hero, trainer.pipe.unet.config.in_channels, seed=cfg.train.seed) if fb.algorithm == "hero" else None
     state = LoopState(hero)
     acc.register_for_checkpointing(state)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    store = FeedbackStore(Path(fb.store_dir) if fb.store_dir else out / "feedback")
-    run_id = store.create_run(out.name, cfg.model_dump(mode="json"))
+    # The store (SQLite, PNGs), the labeling app and the run's files belong to the main process alone.
+    store = run_id = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        store = FeedbackStore(Path(fb.store_dir) if fb.store_dir else out / "feedback")
+        run_id = store.create_run(out.name, cfg.model_dump(mode="json"))
+    acc.wait_for_everyone()
     if resume and trainer.load_checkpoint() is not None:
         log(f"resumed after round {trainer.state.epoch}")
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    elif main:
+        for stale in ("metrics.jsonl", "sync_check.jsonl"):
+            (out / stale).unlink(missing_ok=True)
     server = None
-    if evaluator == "human":
+    if evaluator == "human" and main:
         _, server = _start_server(store, cfg, log)
     from .simulated import SimulatedEvaluator
     sim = SimulatedEvaluator(name="simulated", good_threshold=fb.simulated_good_threshold,
                              noise_rate=fb.simulated_noise_rate, seed=cfg.train.seed)
-    (out / "rounds").mkdir(exist_ok=True)
+    if main:
+        (out / "rounds").mkdir(exist_ok=True)
     try:
         for r in range(trainer.state.epoch, fb.rounds):
             record = _round(r, cfg, trainer, state, store, run_id, prompts[r % len(prompts)], evaluator, sim, log)
             trainer.state.epoch = r + 1
             trainer.state.history.append(record)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             log(f"round {r + 1}/{fb.rounds}: {record['good']} good of {fb.images_per_round}, labels used "
                 f"{record['labels_used']}" + (f", success {record['success']:.2f}" if "success" in record else ""))
             if cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0:
@@ -154,10 +177,14 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
         if server is not None:
             server.should_exit = True
     result = trainer.finish()
-    store.export_jsonl(run_id, out / "feedback.jsonl")
-    from ..report import write_feedback_report
-    write_feedback_report(out)
-    return FeedbackResult(out, result.lora_dir, trainer.state.history, store.label_count(run_id))
+    labels_used = None
+    if main:
+        store.export_jsonl(run_id, out / "feedback.jsonl")
+        from ..report import write_feedback_report
+        write_feedback_report(out)
+        labels_used = store.label_count(run_id)
+    labels_used = _broadcast(acc, labels_used)
+    return FeedbackResult(out, result.lora_dir, trainer.state.history, labels_used)
 
 
 def _initial_noises(r: int, cfg: RunConfig, state: LoopState, trainer: Trainer, gen: torch.Generator) -> torch.Tensor:
@@ -172,49 +199,72 @@ def _initial_noises(r: int, cfg: RunConfig, state: LoopState, trainer: Trainer, 
     return torch.randn((fb.images_per_round, *shape), generator=gen)
 
 
-def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: FeedbackStore, run_id: int,
-           prompt: str, evaluator: str, sim, log) -> dict:
+def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: FeedbackStore | None,
+           run_id: int | None, prompt: str, evaluator: str, sim, log) -> dict:
     fb, acc = cfg.feedback, trainer.accelerator
-    gen = epoch_generator(cfg.train.seed, trainer.rank, r, 0)
-    # 1-2. Noises and trajectories.
+    rank, world, main = trainer.rank, trainer.world, acc.is_main_process
+    # `gen` is the same on every process: the round's initial noises, HERO's encoder updates and next
+    # noises are computed identically everywhere. The DDIM noise of sampling is per process (with one
+    # process it is `gen` itself, continuing after the initial noises, as a single process always did).
+    gen = epoch_generator(cfg.train.seed, 0, r, 0)
+    sample_gen = gen if world == 1 else epoch_generator(cfg.train.seed, rank, r, 2)
+    share = fb.images_per_round // world
+    mine = slice(rank * share, (rank + 1) * share)  # this process's rows of the round
+    # 1-2. Noises (the whole round's) and this process's trajectories.
     noises = _initial_noises(r, cfg, state, trainer, gen)
     base_unet = acc.unwrap_model(trainer.unet)
     base_unet.eval()
-    traj = sample_trajectories(trainer.pipe, [prompt] * fb.images_per_round, cfg.sample.num_steps,
-                               cfg.sample.guidance_scale, cfg.sample.eta, generator=gen, initial_noise=noises,
-                               reduction=cfg.sample.log_prob_reduction, unet=base_unet)
-    images = to_uint8_images(traj.images)
-    # 3. The round in the store (the same round again after a restart).
-    info = store.create_round(run_id, r, prompt, list(images), evaluators_required=fb.evaluators_required,
-                              previous_best_image_id=state.previous_best_image_id,
-                              image_metadata=[{"index": i} for i in range(len(images))])
-    from PIL import Image
-
-    from ..report import image_grid
-    Image.fromarray(image_grid(images, columns=8)).save(Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
-    # 4. Labels.
-    if evaluator == "simulated":
-        if not store.round_complete(info.id):
-            sim.label_round(store, info.id)
+    traj = sample_trajectories(trainer.pipe, [prompt] * share, cfg.sample.num_steps,
+                               cfg.sample.guidance_scale, cfg.sample.eta, generator=sample_gen,
+                               initial_noise=noises[mine], reduction=cfg.sample.log_prob_reduction, unet=base_unet)
+    # The round as a whole, on every process (in process order): what the labels and targets refer to.
+    if fb.algorithm == "d3po":
+        round_traj = _gather_trajectories(acc, traj)
+        all_images, final_latents, initial_noise = round_traj.images, None, None
     else:
-        feedback_wait(store, info.id, fb.wait_timeout, log)
-    feedback = store.round_feedback(info.id)
+        round_traj = None
+        all_images, final_latents, initial_noise = (_gather_tensor(acc, t) for t in (
+            traj.images, traj.latents[:, -1], traj.initial_noise))
+    round_id = None
+    if main:
+        images = to_uint8_images(all_images)
+        # 3. The round in the store (the same round again after a restart).
+        info = store.create_round(run_id, r, prompt, list(images), evaluators_required=fb.evaluators_required,
+                                  previous_best_image_id=state.previous_best_image_id,
+                                  image_metadata=[{"index": i} for i in range(len(images))])
+        round_id = info.id
+        from PIL import Image
+
+        from ..report import image_grid
+        Image.fromarray(image_grid(images, columns=8)).save(Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
+        # 4. Labels.
+        if evaluator == "simulated":
+            if not store.round_complete(round_id):
+                sim.label_round(store, round_id)
+        elif world == 1:
+            feedback_wait(store, round_id, fb.wait_timeout, log)
+    if evaluator != "simulated" and world > 1:
+        _wait_on_main(acc, store, round_id, fb.wait_timeout, log)
+    feedback = _broadcast(acc, store.round_feedback(round_id) if main else None)  # the labels, to every process
     good = torch.tensor(feedback.good, dtype=torch.bool)
     best_is_previous = feedback.best_image_id is not None and feedback.best_index is None
     labels = RoundLabels(good, feedback.best_index, best_is_previous)
     if feedback.best_image_id is not None:
         state.previous_best_image_id = feedback.best_image_id
     # 5. Targets.
-    final_latents = traj.latents[:, -1]
     record: dict = {"round": r + 1, "prompt": prompt, "good": int(good.sum()), "best_index": feedback.best_index,
                     "best_is_previous": best_is_previous}
     if cfg.feedback.algorithm == "d3po":
         groups = [list(range(g, g + cfg.d3po.group_size)) for g in range(0, len(good), cfg.d3po.group_size)]
         pairs = preference_pairs(good.tolist(), feedback.best_index, groups)
-        trainer.algorithm.set_pairs(pairs)
+        # Every process trains as many pairs (DDP needs the same number of steps everywhere): deal the
+        # round's pairs out in turn, repeating a few when they do not divide evenly.
+        trainer.algorithm.set_pairs(pairs if world == 1 else _deal(pairs, rank, world))
         prepared, record["pairs"] = {}, len(pairs)
         trainable = bool(pairs)
+        train_traj = traj if world == 1 else round_traj
     else:
+        final_latents = final_latents.cpu()  # HERO's encoder lives on the CPU
         if state.hero is not None:
             record.update(state.hero.update(final_latents, labels, gen))
             rewards = state.hero.rewards(final_latents, good)
@@ -223,20 +273,92 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
         record["reward_mean"] = float(rewards.mean())
         trainable = float(rewards.std()) > 1e-8
         prepared = trainer.algorithm.prepare([prompt] * len(rewards), rewards, r, {})
+        prepared = _local_slice(prepared, rank, share, world)
+        train_traj = traj
     # 6. Policy update (a round with nothing to prefer teaches nothing: skip it).
     if trainable:
-        record.update({f"train/{k}": v for k, v in trainer.train_on(traj, prepared, r).items()})
+        stats = mean_over_processes(acc, trainer.train_on(train_traj, prepared, r))
+        record.update({f"train/{k}": v for k, v in stats.items()})
     if state.hero is not None:
-        state.next_noises = state.hero.next_noises(traj.initial_noise, labels, fb.images_per_round, gen)
-    # 7. Measure.
-    record["labels_used"] = store.label_count(run_id)
-    if fb.eval_every and ((r + 1) % fb.eval_every == 0 or r + 1 == fb.rounds):
-        success = measure_success(trainer, cfg, prompt)
-        if success is not None:
-            record["success"] = success
-            store.set_run_metric(run_id, "success", success, iteration=r)
-    record["trajectories"] = (r + 1) * fb.images_per_round
-    return record
+        state.next_noises = state.hero.next_noises(initial_noise.cpu(), labels, fb.images_per_round, gen)
+        if trainer.check_sync:
+            trainer.assert_in_sync(list(state.hero.encoder.state_dict().values()), f"HERO encoder, round {r + 1}")
+    # 7. Measure (on the main process; every process gets the same record).
+    if main:
+        record["labels_used"] = store.label_count(run_id)
+        if fb.eval_every and ((r + 1) % fb.eval_every == 0 or r + 1 == fb.rounds):
+            success = measure_success(trainer, cfg, prompt)
+            if success is not None:
+                record["success"] = success
+                store.set_run_metric(run_id, "success", success, iteration=r)
+        record["trajectories"] = (r + 1) * fb.images_per_round
+    return _broadcast(acc, record)
+
+
+def _deal(pairs: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
+    """This process's pairs: every world-th pair of the round's list, cycled to a multiple of ``world``."""
+    if not pairs:
+        return []
+    total = -(-len(pairs) // world) * world
+    return [pairs[i % len(pairs)] for i in range(rank, total, world)]
+
+
+def _broadcast(acc, obj):
+    """The main process's ``obj`` on every process."""
+    if acc.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
+def _gather_tensor(acc, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's ``t`` along dim 0 (process order), on every process, on ``t``'s device."""
+    if acc.num_processes == 1:
+        return t
+    return acc.gather(t.contiguous().to(acc.device)).to(t.device)
+
+
+def _gather_trajectories(acc, traj: Trajectories) -> Trajectories:
+    if acc.num_processes == 1:
+        return traj
+    from ..trainer import gather_objects
+
+    prompts = [p for part in gather_objects(acc, traj.prompts) for p in part]
+    return Trajectories(
+        prompts=prompts, initial_noise=_gather_tensor(acc, traj.initial_noise),
+        latents=_gather_tensor(acc, traj.latents), timesteps=traj.timesteps,
+        log_probs=_gather_tensor(acc, traj.log_probs), guided_eps=_gather_tensor(acc, traj.guided_eps),
+        prompt_embeds=_gather_tensor(acc, traj.prompt_embeds),
+        negative_embeds=None if traj.negative_embeds is None else _gather_tensor(acc, traj.negative_embeds),
+        images=_gather_tensor(acc, traj.images), metadata=[{} for _ in prompts],
+    )
+
+
+def _wait_on_main(acc, store: FeedbackStore | None, round_id: int | None, timeout: float | None, log,
+                  interval: float = 60.0) -> None:
+    """Several processes waiting for people: the main process polls the store in slices of ``interval``
+    seconds and, after each, tells the others whether to go on, so no process sits in one collective for
+    longer than that (a process group times out after 10-30 minutes; a person may take longer)."""
+    start = time.monotonic()
+    while True:
+        status = None
+        if acc.is_main_process:
+            elapsed = time.monotonic() - start
+            left = None if timeout is None else max(0.0, timeout - elapsed)
+
+            def on_wait(t, submitted, required, elapsed=elapsed):
+                log(f"waiting for labels on round {round_id}: {submitted} of {required} evaluator(s) submitted "
+                    f"({elapsed + t:.0f} s); open the labeling app URL above")
+            try:
+                store.wait_for_round(round_id, timeout=interval if left is None else min(interval, left), on_wait=on_wait)
+                status = "done"
+            except TimeoutError as e:
+                status = str(e) if left is not None and left <= interval else "waiting"
+        status = _broadcast(acc, status)
+        if status == "done":
+            return
+        if status != "waiting":
+            raise TimeoutError(status)
 
 
 def feedback_wait(store: FeedbackStore, round_id: int, timeout: float | None, log):

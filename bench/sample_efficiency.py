@@ -1,0 +1,173 @@
+"""DDPO vs DAG-DB vs DAG-KL at equal trajectory budgets on the toy world.
+
+Two rewards: the judge's partial score on the hard counting prompts (base success <= 30%), and JPEG
+compressibility. For every (reward, algorithm, seed) the same sampler settings and the same number of
+trajectories per epoch; every ``--eval-every`` epochs the tuned model is measured on fixed evaluation seeds:
+mean reward, toy success, diversity (Vendi, per prompt) and drift from the base model (same noises).
+
+    .venv/bin/python bench/sample_efficiency.py --budget 640 --seeds 0 1 2            # the full comparison
+    .venv/bin/python bench/sample_efficiency.py --budget 128 --seeds 0 --rewards toy  # a quick look
+
+Writes ``bench/out/sample_efficiency/{results.json, curves.png, table.md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out" / "sample_efficiency"
+
+REWARDS = {
+    "toy": {"terms": [{"name": "toy", "args": {"mode": "partial"}}], "prompts": "hard_counting"},
+    "jpeg": {"terms": [{"name": "jpeg_compressibility"}], "prompts": "eval_count"},
+}
+
+
+def make_config(reward: str, algorithm: str, seed: int, epochs: int, args, out_dir: Path):
+    from diffalign.config import load_config
+
+    spec = REWARDS[reward]
+    return load_config(overrides=[
+        f'output_dir="{out_dir}"', f'train.algorithm="{algorithm}"', f"train.seed={seed}", f"train.epochs={epochs}",
+        f'sample.prompts="{spec["prompts"]}"', f"sample.batch_size={args.batch}", "sample.num_batches_per_epoch=2",
+        f"sample.num_steps={args.steps}", "sample.guidance_scale=4.0", f"train.batch_size={args.train_batch}",
+        f"train.timestep_fraction={args.timestep_fraction}", f"train.learning_rate={args.lr}",
+        f"dag.reward_exp={args.reward_exp[reward]}", 'log.tracker="none"', "log.progress=false", "checkpoint.every=0",
+        f'eval.prompts="{spec["prompts"]}"', f"eval.samples_per_prompt={args.eval_samples}", "eval.seed=999",
+    ], reward={"terms": spec["terms"]})
+
+
+def run_one(reward: str, algorithm: str, seed: int, args) -> dict:
+    from diffalign.evaluate import generate, score
+    from diffalign.metrics import drift
+    from diffalign.pipeline import set_lora_enabled
+    from diffalign.prompts import resolve_prompts
+    from diffalign.trainer import Trainer
+
+    per_epoch = 2 * args.batch
+    epochs = args.budget // per_epoch
+    out_dir = OUT / "runs" / f"{reward}-{algorithm}-s{seed}"
+    cfg = make_config(reward, algorithm, seed, epochs, args, out_dir)
+    trainer = Trainer(cfg, log=lambda m: None)
+    unet = trainer.pipe.unet
+    prompts = resolve_prompts(cfg.eval.prompts)
+
+    def measure(lora_on: bool):
+        set_lora_enabled(unet, lora_on)
+        imgs = generate(trainer.pipe, prompts, cfg.eval.samples_per_prompt, cfg.eval.seed, cfg.sample.num_steps,
+                        cfg.sample.guidance_scale, cfg.sample.eta)
+        set_lora_enabled(unet, True)
+        return imgs, score(imgs, trainer.reward)
+
+    base_imgs, base = measure(False)
+    points = [{"trajectories": 0, **base, "drift": 0.0, "seconds": 0.0}]
+    t0 = time.time()
+    for epoch in range(epochs):
+        trainer.run_epoch(epoch)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
+            elapsed = time.time() - t0
+            imgs, metrics = measure(True)
+            points.append({"trajectories": (epoch + 1) * per_epoch, **metrics,
+                           "drift": drift(base_imgs.images, imgs.images), "seconds": elapsed})
+            print(f"  {reward:5s} {algorithm:7s} seed {seed} traj {(epoch + 1) * per_epoch:4d}: "
+                  + " ".join(f"{k} {v:.3f}" for k, v in points[-1].items() if k != "trajectories"), flush=True)
+    return {"reward": reward, "algorithm": algorithm, "seed": seed, "points": points,
+            "train_seconds": time.time() - t0}
+
+
+def summarize(results: list[dict], budgets: list[int]) -> str:
+    lines = ["| reward | algorithm | trajectories | reward | success | diversity (Vendi) | drift | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for reward in dict.fromkeys(r["reward"] for r in results):
+        for algo in dict.fromkeys(r["algorithm"] for r in results):
+            runs = [r for r in results if r["reward"] == reward and r["algorithm"] == algo]
+            if not runs:
+                continue
+            for budget in budgets:
+                pts = [next((p for p in r["points"] if p["trajectories"] == budget), None) for r in runs]
+                pts = [p for p in pts if p is not None]
+                if not pts:
+                    continue
+
+                def ms(key, pts=pts):
+                    vals = [p[key] for p in pts if key in p]
+                    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
+                lines.append(f"| {reward} | {algo} | {budget} | {ms('reward_mean')} | {ms('success')} | "
+                             f"{ms('diversity')} | {ms('drift')} | {len(pts)} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = list(dict.fromkeys(r["reward"] for r in results))
+    fig, axes = plt.subplots(len(rewards), 2, figsize=(10, 3.5 * len(rewards)), squeeze=False)
+    for row, reward in enumerate(rewards):
+        for col, key in enumerate(("reward_mean", "success")):
+            ax = axes[row][col]
+            for algo in dict.fromkeys(r["algorithm"] for r in results):
+                runs = [r for r in results if r["reward"] == reward and r["algorithm"] == algo]
+                if not runs or key not in runs[0]["points"][0]:
+                    continue
+                x = [p["trajectories"] for p in runs[0]["points"]]
+                ys = np.array([[p[key] for p in r["points"]] for r in runs])
+                ax.plot(x, ys.mean(0), marker="o", ms=3, label=algo)
+                ax.fill_between(x, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+            ax.set_title(f"{reward}: {key}")
+            ax.set_xlabel("trajectories")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rewards", nargs="+", default=["toy", "jpeg"], choices=list(REWARDS))
+    ap.add_argument("--algorithms", nargs="+", default=["ddpo", "dag-db", "dag-kl"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--budget", type=int, default=640, help="Trajectories per run.")
+    ap.add_argument("--eval-every", type=int, default=2, help="Epochs between measurements.")
+    ap.add_argument("--eval-samples", type=int, default=4, help="Evaluation images per prompt.")
+    ap.add_argument("--batch", type=int, default=16, help="Sampling batch (2 per epoch).")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--timestep-fraction", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--reward-exp-toy", type=float, default=100.0)
+    ap.add_argument("--reward-exp-jpeg", type=float, default=10.0)
+    args = ap.parse_args()
+    args.reward_exp = {"toy": args.reward_exp_toy, "jpeg": args.reward_exp_jpeg}
+    OUT.mkdir(parents=True, exist_ok=True)
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["reward"], r["algorithm"], r["seed"], r["points"][-1]["trajectories"]) for r in results}
+    per_epoch = 2 * args.batch
+    final = (args.budget // per_epoch) * per_epoch
+    for reward in args.rewards:
+        for seed in args.seeds:
+            for algo in args.algorithms:
+                if (reward, algo, seed, final) in done:
+                    continue  # resumable: finished runs are kept
+                print(f"{reward} / {algo} / seed {seed}", flush=True)
+                results.append(run_one(reward, algo, seed, args))
+                results_path.write_text(json.dumps(results, indent=1))
+    budgets = sorted({p["trajectories"] for r in results for p in r["points"]})
+    table = summarize(results, [b for b in budgets if b in (0, final // 2, final) or b == budgets[-1]])
+    (OUT / "table.md").write_text(table + "\n")
+    plot(results, OUT / "curves.png")
+    print(table)
+    times = {a: np.mean([r["train_seconds"] for r in results if r["algorithm"] == a]) for a in args.algorithms}
+    print("mean training seconds per run:", {k: round(v, 1) for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main()
