@@ -21,7 +21,8 @@ def _lora(run_dir):
 
 
 def test_training_changes_only_the_lora_and_logs(tiny_pipe_dir, tmp_path):
-    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=2", "train.learning_rate=1e-2")
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=2", "train.learning_rate=1e-2",
+               'log.tracker="tensorboard"')
     trainer = Trainer(cfg, log=lambda m: None)
     frozen = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" not in n}
     lora_before = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n}
@@ -38,6 +39,8 @@ def test_training_changes_only_the_lora_and_logs(tiny_pipe_dir, tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["trajectories"] == 8
     assert all(k in lines[0] for k in ("reward_mean", "train/approx_kl", "train/clipfrac"))
     assert (result.lora_dir / "diffalign_config.toml").is_file()
+    events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 2000  # scalars and the image grid
 
 
 def test_resume_continues_exactly(tiny_pipe_dir, tmp_path):

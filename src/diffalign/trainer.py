@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 
 from .algorithms import Policy, Transition, build_algorithm
 from .config import RunConfig, dump_config
@@ -89,6 +89,11 @@ class Trainer:
             log_with=tracker, project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            # Sampling runs the unwrapped UNet and the LoRA is saved from it: with sharded parameters both
+            # would be wrong. Use DDP; see docs/scale_out.md.
+            raise ValueError("FSDP is not supported: the trainer samples with the unwrapped UNet; use DDP "
+                             "(configs/accelerate/8gpu_ddp.yaml), see docs/scale_out.md")
         self.rank, self.world = acc.process_index, acc.num_processes
         # Messages come from the main process only (N processes would print everything N times).
         self.log = log if acc.is_main_process else _quiet
@@ -116,6 +121,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                       weight_decay=cfg.train.weight_decay)
         head_names, heads = list(self.algorithm.modules()), list(self.algorithm.modules().values())
+        if heads and acc.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(f"{self.algorithm.name} trains a second network ({', '.join(head_names)}) and DeepSpeed "
+                             f"takes one model per accelerator: use DDP (configs/accelerate/8gpu_ddp.yaml)")
         prepared = acc.prepare(self.pipe.unet, optimizer, *heads)
         self.unet, self.optimizer, self.heads = prepared[0], prepared[1], list(prepared[2:])
         self.algorithm.bind_prepared(dict(zip(head_names, self.heads)))
@@ -139,7 +147,8 @@ class Trainer:
                     if acc.is_main_process:
                         from safetensors.torch import save_file
                         save_file(lora_state_dict(base_unet), os.path.join(output_dir, "lora.safetensors"))
-                    weights.pop(i)
+                    if weights:  # empty under DeepSpeed, which saves its engine itself
+                        weights.pop(i)
                     break
 
         def load_hook(models, input_dir):
@@ -274,7 +283,8 @@ class Trainer:
                     loss, stats = self.algorithm.loss(tr, self.policy, prepared, epoch)
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        stats["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                        norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)  # None: DeepSpeed clips itself
+                        stats["grad_norm"] = float("nan") if norm is None else float(norm)
                         self.state.optimizer_steps += 1
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)

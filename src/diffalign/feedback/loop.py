@@ -176,14 +176,12 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
     finally:
         if server is not None:
             server.should_exit = True
+    labels_used = _broadcast(acc, store.label_count(run_id) if main else None)  # finish() ends the process group
     result = trainer.finish()
-    labels_used = None
     if main:
         store.export_jsonl(run_id, out / "feedback.jsonl")
         from ..report import write_feedback_report
         write_feedback_report(out)
-        labels_used = store.label_count(run_id)
-    labels_used = _broadcast(acc, labels_used)
     return FeedbackResult(out, result.lora_dir, trainer.state.history, labels_used)
 
 
