@@ -272,8 +272,8 @@ def test_label_timeout_ends_every_process(tiny_pipe_dir, tmp_path):
         "feedback.prompts=['two red circles']", "feedback.port=0", "feedback.wait_timeout=2"), check=False, timeout=120)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    for rank in (0, 1):
-        assert f"[rank{rank}]: TimeoutError: round 1 is not complete after 2 s" in output, output[-3000:]
+    # Each process stops with the CLI's one-line message (no traceback, no process left hanging).
+    assert output.count("error: round 1 is not complete after 2 s") == 2, output[-3000:]
 
 
 def test_processes_sample_distinct_noise_and_the_one_process_batch(tiny_pipe_dir, tmp_path):

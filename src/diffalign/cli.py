@@ -16,6 +16,12 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (see configs/
 SetOpt = typer.Option(None, "--set", help="Override a field: --set train.epochs=3 (repeatable).")
 
 
+def _echo(message: str) -> None:
+    """Print once per job: under ``accelerate launch`` only the main process speaks."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(message)
+
+
 def _fail(message: str, code: int = 2):
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -29,7 +35,7 @@ def _run(fn):
 
     try:
         return fn()
-    except (ConfigError, ModelLoadError, RewardError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, ModelLoadError, RewardError, FileNotFoundError, FloatingPointError, TimeoutError) as e:
         _fail(str(e))
     except ValueError as e:
         _fail(str(e))
@@ -47,7 +53,7 @@ def train(config: Path = ConfigOpt, set_: list[str] = SetOpt, resume: bool = typ
     def go():
         cfg = load_config(config, set_ or [])
         result = run_train(cfg, resume=resume)
-        typer.echo(f"LoRA written to {result.lora_dir}")
+        _echo(f"LoRA written to {result.lora_dir}")
     _run(go)
 
 
@@ -146,8 +152,8 @@ def feedback(config: Path = ConfigOpt, set_: list[str] = SetOpt,
     def go():
         cfg = load_config(config, set_ or [])
         result = run_feedback(cfg, evaluator=evaluator, resume=resume, log=typer.echo)
-        typer.echo(f"{result.labels_used} labels used; LoRA written to {result.lora_dir}; report "
-                   f"{result.output_dir / 'feedback_report.html'}")
+        _echo(f"{result.labels_used} labels used; LoRA written to {result.lora_dir}; report "
+              f"{result.output_dir / 'feedback_report.html'}")
     _run(go)
 
 

@@ -41,8 +41,8 @@ def _curves(history: list[dict]):
     import matplotlib.pyplot as plt
 
     x = [h["trajectories"] for h in history if "reward_mean" in h]
-    keys = [("reward_mean", "mean reward"), ("reward/success_rate", "toy success (training samples)")]
-    keys = [(k, label) for k, label in keys if any(k in h for h in history)]
+    success = next((k for h in history for k in h if k.endswith("success_rate")), None)
+    keys = [("reward_mean", "mean reward")] + ([(success, "toy success (training samples)")] if success else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
     for ax, (k, label) in zip(axes[0], keys):
         ax.plot(x, [h.get(k, np.nan) for h in history if "reward_mean" in h], marker="o", ms=3)
