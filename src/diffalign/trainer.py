@@ -81,6 +81,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, reward=None, pipe=None, algorithm=None, log=print):
         self.cfg, self._log_here = cfg, log
         self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.trained_steps = max(1, int(round(cfg.sample.num_steps * cfg.train.timestep_fraction)))
         tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
         self.accelerator = Accelerator(
