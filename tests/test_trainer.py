@@ -126,3 +126,19 @@ def test_trajectory_generators_are_global_and_distinct():
     draws = [torch.randn(3, generator=trajectory_generator(0, 1, g)) for g in range(6)]
     assert all(not torch.equal(draws[i], draws[j]) for i in range(6) for j in range(i + 1, 6))
     assert torch.equal(draws[4], torch.randn(3, generator=trajectory_generator(0, 1, 4)))
+
+
+def test_non_finite_loss_stops_before_touching_the_weights(tiny_pipe_dir, tmp_path):
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=1")
+    trainer = Trainer(cfg, log=lambda m: None)
+    real_loss = trainer.algorithm.loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    trainer.algorithm.loss = nan_loss
+    before = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n}
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        trainer.fit()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n)

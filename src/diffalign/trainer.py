@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -282,6 +281,10 @@ class Trainer:
                 tr = _transition(traj, rows, k, acc.device)
                 with acc.accumulate(self.unet, *self.heads):
                     loss, stats = self.algorithm.loss(tr, self.policy, prepared, epoch)
+                    if not torch.isfinite(loss):  # before backward: a NaN must never reach the weights
+                        raise FloatingPointError(
+                            f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
+                            f"learning rate or the reward scale")
                     acc.backward(loss)
                     if acc.sync_gradients:
                         norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)  # None: DeepSpeed clips itself
@@ -291,10 +294,6 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 if self.check_sync and acc.sync_gradients:
                     self.assert_in_sync(params, f"optimizer step {self.state.optimizer_steps}")
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(
-                        f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
-                        f"learning rate or the reward scale")
                 for key, v in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(v)
                 count += 1
