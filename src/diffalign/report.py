@@ -82,12 +82,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                      f"{last.get('optimizer_steps')} optimizer steps.</p>")
     if (run_dir / "eval_images.npz").exists():
         data = np.load(run_dir / "eval_images.npz")
-        n = min(32, len(data["base"]))
+        prompts = [str(p) for p in data["prompts"]]
+        # One row of up to 8 images per prompt (at most 8 prompts), so every prompt shows.
+        shown = list(dict.fromkeys(prompts))[:8]
+        idx = [i for p in shown for i in [j for j, q in enumerate(prompts) if q == p][:8]]
         parts.append("<h2>Same seeds, before and after</h2><div class='pair'>"
-                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['base'][:n]))}'><figcaption>base</figcaption></figure>"
-                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['tuned'][:n]))}'><figcaption>tuned</figcaption></figure></div>")
-        prompts = [str(p) for p in data["prompts"][:n]]
-        parts.append("<p class='small'>Prompts, row by row: " + html.escape("; ".join(dict.fromkeys(prompts))) + "</p>")
+                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['base'][idx]))}'><figcaption>base</figcaption></figure>"
+                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['tuned'][idx]))}'><figcaption>tuned</figcaption></figure></div>")
+        parts.append("<p class='small'>Prompts, row by row: " + html.escape("; ".join(shown)) + "</p>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "td:first-child{text-align:left}.pair{display:flex;gap:2em;flex-wrap:wrap}img{image-rendering:pixelated}"
