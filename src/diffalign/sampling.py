@@ -49,9 +49,12 @@ def alphas_at(scheduler, timestep: torch.Tensor | int) -> tuple[torch.Tensor, to
     return abar_t, abar_prev
 
 
-def predict_x0_eps(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor):
-    """x0_hat and eps from the model output, for epsilon, v-prediction and sample-prediction models."""
-    abar_t, _ = alphas_at(scheduler, timestep)
+def predict_x0_eps(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                   abar_t: torch.Tensor | None = None):
+    """x0_hat and eps from the model output, for epsilon, v-prediction and sample-prediction models.
+    ``abar_t`` may be passed by a caller that already looked it up (the DDIM step does)."""
+    if abar_t is None:
+        abar_t, _ = alphas_at(scheduler, timestep)
     a = _bcast(abar_t, sample)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -106,8 +109,8 @@ def ddim_step_with_logprob(
         )
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    x0, eps = predict_x0_eps(scheduler, model_output, timestep, sample)
     abar_t, abar_prev = alphas_at(scheduler, timestep)
+    x0, eps = predict_x0_eps(scheduler, model_output, timestep, sample, abar_t)
     abar_t, abar_prev = _bcast(abar_t, sample), _bcast(abar_prev, sample)
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2 / eta^2, DDIM eq. 16
     std = eta * variance.sqrt()

@@ -321,7 +321,7 @@ class Trainer:
             return {"epoch": epoch + 1, "skipped": True}
         # 4. Gather rewards and prompts from all processes; the algorithm turns them into targets.
         all_rewards = acc.gather(rewards.to(acc.device)).cpu()
-        all_prompts = _gather_strings(acc, traj.prompts)
+        all_prompts = [p for part in gather_objects(acc, traj.prompts) for p in part]
         context = {"trajectories": traj, "pipe": self.pipe, "reward": self.reward, "accelerator": acc,
                    "num_epochs": cfg.train.epochs, "rank": self.rank, "local_size": len(traj)}
         prepared_global = self.algorithm.prepare(all_prompts, all_rewards, epoch, context)
@@ -431,13 +431,6 @@ def _transition(traj: Trajectories, rows: torch.Tensor, k: torch.Tensor, device)
         negative_embeds=None if traj.negative_embeds is None else traj.negative_embeds[rows].to(device),
         sample_index=rows.to(device),
     )
-
-
-def _gather_strings(acc, items: list[str]) -> list[str]:
-    if acc.num_processes == 1:
-        return list(items)
-    from accelerate.utils import gather_object
-    return list(gather_object(list(items)))
 
 
 def gather_objects(acc, obj) -> list:
