@@ -12,10 +12,14 @@ above the target, censored at the budget otherwise ("> budget").
     .venv/bin/python bench/feedback_efficiency.py --report                # merge shards: table + plot
     .venv/bin/python bench/feedback_efficiency.py --transfer              # HERO LoRAs on unseen related prompts
     .venv/bin/python bench/feedback_efficiency.py --algorithms hero-features --shard c   # a HERO variant (VARIANTS)
+    .venv/bin/python bench/feedback_efficiency.py --study fine --eval-every 1 ...   # a separate study (own results)
+    .venv/bin/python bench/feedback_efficiency.py --hold 320 ...   # continue sessions past 80%: does it last?
 
 Resumable: finished sessions are in ``results*.json`` (written after each one) and skipped; an interrupted
 session continues from its last per-round checkpoint. Writes ``bench/out/feedback_efficiency/`` (results,
-table.md, transfer-METHOD.md, runs/) and the plot ``bench/figures/feedback_efficiency.png``.
+table.md, transfer-METHOD.md, runs/) and the plot ``bench/figures/feedback_efficiency.png``; with ``--study NAME``,
+``bench/out/feedback_efficiency/NAME/`` and ``bench/figures/feedback_efficiency-NAME.png``, so that sessions run
+with other measurement settings never mix with (or resume from) these.
 """
 
 from __future__ import annotations
@@ -31,20 +35,39 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "feedback_efficiency"
 FIGURE = ROOT / "bench" / "figures" / "feedback_efficiency.png"
-METHODS = ["hero", "hero-features", "hero-features-unlabeled", "hero-features-unlabeled-clip", "d3po", "ddpo-binary",
-           "ddpo-binary-clip"]
+METHODS = ["hero", "hero-features", "hero-features-unlabeled", "hero-features-unlabeled-clip", "d3po", "d3po-clip",
+           "d3po-group4", "d3po-group8", "d3po-group4-lr", "d3po-group4-batch8", "d3po-lr",
+           "ddpo-binary", "ddpo-binary-clip"]
 # HERO's settings on top of configs/hero_toy.toml: the paper's (the reference's encoder, labelled images only),
-# the UNet-feature encoder, and that with 48 unlabelled images per round (what the toy config ships).
+# the UNet-feature encoder, and that with 48 unlabelled images per round. Each pins every key the toy config has
+# changed since, so that the recorded sessions stay reproducible.
 VARIANTS = {
-    "hero": ["hero.encoder='latent-cnn'", "hero.unlabeled_per_round=0"],
-    "hero-features": ["hero.encoder='unet-features'", "hero.unlabeled_per_round=0"],
-    "hero-features-unlabeled": ["hero.encoder='unet-features'", "hero.unlabeled_per_round=48"],
-    # ... with a 10x wider PPO clip, so that a round's update can move the policy further.
+    "hero": ["hero.encoder='latent-cnn'", "hero.unlabeled_per_round=0", "ddpo.clip_range=1e-4"],
+    "hero-features": ["hero.encoder='unet-features'", "hero.unlabeled_per_round=0", "ddpo.clip_range=1e-4"],
+    "hero-features-unlabeled": ["hero.encoder='unet-features'", "hero.unlabeled_per_round=48", "ddpo.clip_range=1e-4"],
+    # ... with a 10x wider PPO clip, so that a round's update can move the policy further (what the toy config ships).
     "hero-features-unlabeled-clip": ["hero.encoder='unet-features'", "hero.unlabeled_per_round=48",
                                      "ddpo.clip_range=1e-3"],
+    "ddpo-binary": ["ddpo.clip_range=1e-4"],
     # The same wider clip for the baseline that shares HERO's update, for a fair comparison.
     "ddpo-binary-clip": ["ddpo.clip_range=1e-3"],
+    # D3PO tuned as hard as HERO was, one knob at a time: its own clip on the ratio to the reference (5x wider),
+    # four or eight images per shared noise (up to 6 or 28 pairs per group from the same labels instead of 1), a 3x
+    # larger step.
+    "d3po-clip": ["d3po.ratio_clip=0.5"],
+    "d3po-group4": ["d3po.group_size=4"],
+    "d3po-group8": ["d3po.group_size=8"],
+    # More pairs per round means more optimizer steps, and D3PO's ratio clamp (on mean-reduced per-step
+    # log-probabilities) holds little back; so the same pairs with a 3x smaller step, or 4 pairs per step.
+    "d3po-group4-lr": ["d3po.group_size=4", "train.learning_rate=3e-4"],
+    "d3po-group4-batch8": ["d3po.group_size=4", "train.batch_size=8"],
+    "d3po-lr": ["train.learning_rate=3e-3"],
 }
+
+
+def base_algorithm(method: str) -> str:
+    """The feedback.algorithm a benchmark method runs: 'hero-features-...' -> 'hero', 'd3po-clip' -> 'd3po'."""
+    return next(a for a in ("hero", "d3po", "ddpo-binary") if method.startswith(a))
 
 
 def session_name(prompt: str, algorithm: str, seed: int, noise: float) -> str:
@@ -55,8 +78,8 @@ def session_config(prompt: str, algorithm: str, seed: int, noise: float, args):
     from diffalign.config import load_config
 
     name = session_name(prompt, algorithm, seed, noise)
-    base = "hero" if algorithm.startswith("hero") else algorithm.removesuffix("-clip")
-    return load_config(ROOT / "configs" / ("d3po_toy.toml" if algorithm == "d3po" else "hero_toy.toml"), overrides=[
+    base = base_algorithm(algorithm)
+    return load_config(ROOT / "configs" / ("d3po_toy.toml" if base == "d3po" else "hero_toy.toml"), overrides=[
         f'output_dir="{OUT / "runs" / name}"', f'feedback.algorithm="{base}"', f"feedback.prompts=['{prompt}']",
         f"feedback.rounds={args.max_labels // args.images_per_round}", f"feedback.images_per_round={args.images_per_round}",
         f"feedback.simulated_noise_rate={noise}", f"feedback.eval_every={args.eval_every}",
@@ -178,8 +201,9 @@ def plot(results: list[dict], bases: dict, noises: list[float]) -> None:
 
     fig, axes = plt.subplots(1, len(noises), figsize=(5.5 * len(noises), 4), sharey=True, squeeze=False)
     colours = {"hero": "tab:red", "hero-features": "tab:orange", "hero-features-unlabeled": "tab:purple",
-               "hero-features-unlabeled-clip": "tab:brown", "d3po": "tab:blue", "ddpo-binary": "tab:green",
-               "ddpo-binary-clip": "tab:olive"}
+               "hero-features-unlabeled-clip": "tab:brown", "d3po": "tab:blue", "d3po-clip": "tab:cyan",
+               "d3po-group4": "tab:pink", "d3po-group8": "magenta", "d3po-group4-lr": "navy",
+               "d3po-group4-batch8": "teal", "d3po-lr": "tab:gray", "ddpo-binary": "tab:green", "ddpo-binary-clip": "tab:olive"}
     for ax, noise in zip(axes[0], noises, strict=True):
         for algo in METHODS:
             runs = [r for r in results if r["algorithm"] == algo and r["noise"] == noise]
@@ -250,6 +274,41 @@ def transfer(args) -> str:
     return table
 
 
+def hold(args) -> str:
+    """Does the success last? Sessions of ``--algorithms`` that reached the target are continued from their last
+    checkpoint (same labels, same noises) without stopping, to ``--hold`` labels, measured at every
+    ``--eval-every`` rounds; a method that reaches 80% by drifting (and then collapses) shows here."""
+    from diffalign.feedback.loop import run_feedback
+
+    path = OUT / (f"hold-{args.shard}.json" if args.shard else "hold.json")
+    data = json.loads(path.read_text()) if path.exists() else {}
+    results, _ = load_results(include_unfinished=False)
+    for r in sorted(results, key=lambda r: (r["algorithm"], r["noise"], r["seed"])):
+        name = session_name(r["prompt"], r["algorithm"], r["seed"], r["noise"])
+        if r["algorithm"] not in args.algorithms or r["noise"] not in args.noise or r["seed"] not in args.seeds \
+                or r["labels_to_target"] is None or name in data:
+            continue
+        cfg = session_config(r["prompt"], r["algorithm"], r["seed"], r["noise"], args)
+        cfg.feedback.stop_at_success = None
+        cfg.feedback.rounds = args.hold // args.images_per_round
+        result = run_feedback(cfg, evaluator="simulated", resume=True, log=lambda m, n=name: print(f"  {n}: {m}", flush=True))
+        after = [(h["labels_used"], h["success"]) for h in result.history
+                 if "success" in h and h["labels_used"] > r["labels_to_target"]]
+        data[name] = {"algorithm": r["algorithm"], "seed": r["seed"], "noise": r["noise"],
+                      "reached": r["labels_to_target"], "after": after}
+        path.write_text(json.dumps(data, indent=1))
+    lines = [f"| algorithm | label noise | seed | labels to {args.target:.0%} | success measured after it, up to "
+             f"{args.hold} labels | lowest | last |", "|---|---|---|---|---|---|---|"]
+    for h in sorted(data.values(), key=lambda h: (h["algorithm"], h["noise"], h["seed"])):
+        values = [v for _, v in h["after"]]
+        if values:
+            lines.append(f"| {h['algorithm']} | {h['noise']:.0%} | {h['seed']} | {h['reached']} | "
+                         f"{' '.join(f'{v:.2f}' for v in values)} | {min(values):.2f} | {values[-1]:.2f} |")
+    table = "\n".join(lines) + "\n"
+    (OUT / "hold.md").write_text(table)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", nargs="+", default=["four green triangles"])
@@ -264,6 +323,9 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--shard", default="", help="write results-SHARD.json (run shards in separate processes)")
+    ap.add_argument("--hold", type=int, default=0, metavar="LABELS",
+                    help="continue the sessions that reached the target to LABELS labels, without stopping")
+    ap.add_argument("--study", default="", help="a separate result directory and plot (other eval settings)")
     ap.add_argument("--report", action="store_true", help="only merge the result files into the table and plot")
     ap.add_argument("--transfer", action="store_true", help="only the transfer table of the HERO LoRAs")
     ap.add_argument("--transfer-prompts", nargs="+", default=[
@@ -273,12 +335,19 @@ def main() -> None:
     ap.add_argument("--transfer-samples", type=int, default=32)
     ap.add_argument("--transfer-seed", type=int, default=4321)
     args = ap.parse_args()
+    if args.study:
+        global OUT, FIGURE
+        OUT = OUT / args.study
+        FIGURE = FIGURE.with_name(f"{FIGURE.stem}-{args.study}.png")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.transfer:
         print(transfer(args))
+        return
+    if args.hold:
+        print(hold(args))
         return
     if not args.report:
         path = OUT / (f"results-{args.shard}.json" if args.shard else "results.json")

@@ -114,7 +114,8 @@ def _hero_e2e(tmp_path, prompt: str, rounds: int, eval_every: int, *extra) -> tu
     return base_success, [h["success"] for h in result.history if "success" in h], result.labels_used
 
 
-REFERENCE_HERO = ("hero.encoder='latent-cnn'", "hero.unlabeled_per_round=0")
+# The paper's HERO with the PPO clip these two tests were measured with; the toy config has moved on since.
+REFERENCE_HERO = ("hero.encoder='latent-cnn'", "hero.unlabeled_per_round=0", "ddpo.clip_range=1e-4")
 
 
 @pytest.mark.slow
@@ -143,15 +144,15 @@ def test_hero_raises_success_on_an_easy_prompt_with_the_shipped_toy_model(tmp_pa
 
 
 @pytest.mark.slow
-def test_hero_on_unet_features_with_unlabeled_images_learns_the_hard_prompt_fast(tmp_path):
-    """8 rounds of 16 simulated labels (128) on "four green triangles" with the frozen-UNet-feature encoder and
-    48 unlabelled images per round rewarded by it.
+def test_hero_as_the_toy_config_ships_it_learns_the_hard_prompt_fast(tmp_path):
+    """8 rounds of 16 simulated labels (128) on "four green triangles" with configs/hero_toy.toml as shipped: the
+    frozen-UNet-feature encoder, 48 unlabelled images per round rewarded by it, DDPO clip 1e-3.
 
-    Measured (bench/feedback_efficiency.py, hero-features-unlabeled, seed 0, clean labels): 0.34 -> 0.47 / 0.56
-    at 64 / 128 labels, where the reference HERO had 0.34 / 0.41.
+    Measured (bench/RESULTS.md, session 5, seed 0, clean labels): 0.34 -> 0.59 / 0.81 at 64 / 128 labels; with
+    clip 1e-4 it was 0.47 / 0.56, and the paper's HERO 0.34 / 0.41.
     """
-    base, success, labels = _hero_e2e(tmp_path, "four green triangles", 8, 4, "hero.encoder='unet-features'",
-                                      "hero.unlabeled_per_round=48")
+    base, success, labels = _hero_e2e(tmp_path, "four green triangles", 8, 4)
     assert labels == 128  # the unlabelled images cost no clicks
-    # 5 of the 32 fixed evaluation images more than the base after 128 labels (measured: +7).
-    assert success[-1] >= base + 5 / 32, (base, success)
+    # 10 of the 32 fixed evaluation images more than the base after 128 labels (measured: +15; with the
+    # earlier clip 1e-4, +7, which this would not accept).
+    assert success[-1] >= base + 10 / 32, (base, success)
