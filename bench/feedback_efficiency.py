@@ -295,14 +295,18 @@ def hold(args) -> str:
         after = [(h["labels_used"], h["success"]) for h in result.history
                  if "success" in h and h["labels_used"] > r["labels_to_target"]]
         data[name] = {"algorithm": r["algorithm"], "seed": r["seed"], "noise": r["noise"],
-                      "reached": r["labels_to_target"], "after": after}
+                      "reached": r["labels_to_target"], "to": args.hold, "after": after}
         path.write_text(json.dumps(data, indent=1))
-    lines = [f"| algorithm | label noise | seed | labels to {args.target:.0%} | success measured after it, up to "
-             f"{args.hold} labels | lowest | last |", "|---|---|---|---|---|---|---|"]
-    for h in sorted(data.values(), key=lambda h: (h["algorithm"], h["noise"], h["seed"])):
+    merged = {}  # every shard's continued sessions
+    for other in sorted(OUT.glob("hold*.json")):
+        merged.update(json.loads(other.read_text()))
+    lines = [f"| algorithm | label noise | seed | labels to {args.target:.0%} | continued to | success at each "
+             "measurement after it | lowest | last |", "|---|---|---|---|---|---|---|---|"]
+    for h in sorted(merged.values(), key=lambda h: (h["algorithm"], h["noise"], h["seed"])):
         values = [v for _, v in h["after"]]
         if values:
             lines.append(f"| {h['algorithm']} | {h['noise']:.0%} | {h['seed']} | {h['reached']} | "
+                         f"{h.get('to', h['after'][-1][0])} | "
                          f"{' '.join(f'{v:.2f}' for v in values)} | {min(values):.2f} | {values[-1]:.2f} |")
     table = "\n".join(lines) + "\n"
     (OUT / "hold.md").write_text(table)
