@@ -191,6 +191,9 @@ def test_unet_features_are_per_image_and_ignore_the_lora(tiny_pipe):
     # An image's features do not depend on its batch or its position in it.
     torch.testing.assert_close(features(latents[[2, 0]], embeds), base[[2, 0]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(features(latents, embeds, chunk=2), base, atol=1e-5, rtol=1e-5)
+    # One prompt embedding per image, split with its image across chunks.
+    per_image = embeds.expand(len(latents), -1, -1).contiguous()
+    torch.testing.assert_close(features(latents, per_image, chunk=2), base, atol=1e-5, rtol=1e-5)
     # The LoRA is switched off while reading them (the embedding must not move as the policy trains), and on after.
     torch.manual_seed(0)
     params = attach_lora(tiny_pipe.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])

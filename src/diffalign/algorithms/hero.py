@@ -98,7 +98,7 @@ class UNetFeatures:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, unet=None, chunk: int = 32) -> torch.Tensor:
-        """(B, C, h, w) latents and (1, L, D) prompt embeddings -> (B, F) features, ``chunk`` images per UNet
+        """(B, C, h, w) latents and (1 or B, L, D) prompt embeddings -> (B, F) features, ``chunk`` images per UNet
         call (a round with many unlabelled images would otherwise be one large call)."""
         from ..pipeline import set_lora_enabled
 
@@ -113,8 +113,10 @@ class UNetFeatures:
             t = torch.tensor([self.timestep], device=latents.device)
             noisy = self.pipe.scheduler.add_noise(latents, self.noise.to(latents).expand_as(latents), t)
             embeds = prompt_embeds.to(device=latents.device, dtype=unet.dtype)
-            for part in noisy.to(unet.dtype).split(chunk):
-                unet(part, t, encoder_hidden_states=embeds.expand(len(part), -1, -1))
+            for start in range(0, len(noisy), chunk):
+                part = noisy[start:start + chunk].to(unet.dtype)
+                cond = embeds[start:start + chunk] if len(embeds) > 1 else embeds.expand(len(part), -1, -1)
+                unet(part, t, encoder_hidden_states=cond)
         finally:
             hook.remove()
             if has_lora:
