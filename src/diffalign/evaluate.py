@@ -50,12 +50,19 @@ def score(images: EvalImages, reward=None) -> dict:
     return out
 
 
-def evaluate_lora(pipe, cfg, reward=None, set_lora=None) -> dict:
+MIN_DIVERSITY_SAMPLES = 8  # below this many images per prompt, Vendi (bounded by n) says little
+
+
+def evaluate_lora(pipe, cfg, reward=None, set_lora=None, log=print) -> dict:
     """Metrics of the base model (LoRA off) and of the tuned one (LoRA on), plus drift between them.
 
     ``set_lora(enabled)`` switches the adapter (default: the stock pipeline's enable/disable_lora).
     """
     prompts = resolve_prompts(cfg.eval.prompts)
+    if cfg.eval.samples_per_prompt < MIN_DIVERSITY_SAMPLES:
+        log(f"warning: eval.samples_per_prompt = {cfg.eval.samples_per_prompt}: diversity (Vendi, at most "
+            f"{cfg.eval.samples_per_prompt} per prompt) needs at least {MIN_DIVERSITY_SAMPLES} images per prompt to "
+            f"mean something; set eval.samples_per_prompt = {MIN_DIVERSITY_SAMPLES} or more")
     reward = reward if reward is not None else build_reward(cfg.reward.terms)
     set_lora = set_lora or (lambda on: pipe.enable_lora() if on else pipe.disable_lora())
     kw = dict(samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, num_steps=cfg.sample.num_steps,

@@ -1,12 +1,19 @@
 """Evaluation metrics: reward, toy success, diversity (Vendi score) and drift from the base model.
 
-**Diversity** is the Vendi score (Friedman & Dieng 2023): exp of the Shannon entropy of the eigenvalues of
-K/n, K the cosine-similarity kernel of n image embeddings; it reads as "the effective number of distinct
-images" (1 = all identical, n = all orthogonal). The default embedding must work offline and without a
-downloaded network, so it is a **pixel embedding**: each image downsampled to 16x16 (area averaging),
-centred by the batch mean image and L2-normalised. Centring matters: without it the shared light
-background makes every pair of toy images look alike. For natural images, pass ``embed=`` any function
-mapping uint8 images to vectors (e.g. a CLIP image encoder you have locally).
+**Diversity** is the Vendi score as its authors define it (Friedman & Dieng 2023, "The Vendi Score"):
+exp of the Shannon entropy of the eigenvalues of K/n, K the cosine-similarity kernel of the n image
+embeddings; it reads as "the effective number of distinct images" (1 = all identical, n = all orthogonal).
+The kernel of a pair depends only on those two images, never on which other images are in the set.
+
+The default embedding must work offline and without a downloaded network, so it is a **pixel
+embedding**: each image downsampled to 16x16 (area averaging), minus a *fixed* reference image, flattened.
+The reference is the toy world's plain background colour (a constant image): without removing it, the
+shared light background makes every pair of toy images look alike (cosine ~0.97). It is fixed, not the
+set's own mean: centring on the set's mean made two images always exactly opposite (Vendi 2.0 - the old
+value 1.0 with ``eval.samples_per_prompt = 2`` came from that) and capped n unrelated images at n - 1.
+For natural images use a semantic embedding (``clip_embedding``: a CLIP vision model from a local
+directory or the hub) or pass ``embed=`` any function mapping uint8 images to vectors. Fewer than ~8
+images per prompt make the figure coarse (it is bounded by n); ``diffalign eval`` warns.
 
 **Drift** is how far the tuned model's images move from the base model's for the same prompt and the
 same initial noise: the root-mean-square pixel difference in [0, 1] (0 = unchanged), averaged over
@@ -24,23 +31,55 @@ import torch.nn.functional as F
 from .rewards import to_uint8_images
 
 
-def pixel_embedding(images, size: int = 16) -> np.ndarray:
+# The toy world's background colour in [0, 1] (toy/scenes.py BACKGROUND): the fixed reference the pixel
+# embedding subtracts. Kept here as numbers so metrics does not import the toy world.
+REFERENCE_COLOUR = (242 / 255, 242 / 255, 236 / 255)
+
+
+def pixel_embedding(images, size: int = 16, reference: tuple[float, float, float] | None = REFERENCE_COLOUR) -> np.ndarray:
+    """(n, 3 * size * size): area-downsampled pixels in [0, 1] minus a fixed reference colour (per channel).
+
+    ``reference=None`` keeps raw pixels. The reference never depends on the set being scored."""
     x = torch.from_numpy(to_uint8_images(images)).permute(0, 3, 1, 2).float() / 255.0
-    x = F.adaptive_avg_pool2d(x, size).reshape(x.shape[0], -1).numpy().astype(np.float64)
-    return x
+    x = F.adaptive_avg_pool2d(x, size)
+    if reference is not None:
+        x = x - torch.tensor(reference, dtype=x.dtype).reshape(1, 3, 1, 1)
+    return x.reshape(x.shape[0], -1).numpy().astype(np.float64)
+
+
+def clip_embedding(model_id: str, device: str = "cpu", revision: str | None = None) -> Callable:
+    """A semantic embedding for natural images: L2-normalised CLIP image features.
+
+    ``model_id`` is a local directory or a hub id of a ``CLIPVisionModelWithProjection`` (e.g.
+    ``openai/clip-vit-large-patch14``) with its image processor. Returns ``embed(images) -> (n, d)``."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection.from_pretrained(model_id, revision=revision).to(device).eval()
+    processor = CLIPImageProcessor.from_pretrained(model_id, revision=revision)
+
+    @torch.no_grad()
+    def embed(images) -> np.ndarray:
+        pixels = processor(images=list(to_uint8_images(images)), return_tensors="pt")["pixel_values"]
+        feats = model(pixel_values=pixels.to(device)).image_embeds.float()
+        return F.normalize(feats, dim=-1).cpu().numpy().astype(np.float64)
+
+    return embed
 
 
 def vendi_score(embeddings: np.ndarray) -> float:
-    """exp(H(eigenvalues of K / n)) with K the cosine kernel of the centred embeddings."""
+    """exp(H(eigenvalues of K / n)), K_ij = cos(x_i, x_j) of the embeddings as given (no centring).
+
+    n mutually orthogonal embeddings score n, n identical ones 1. A zero embedding (an image equal to the
+    reference) is treated as one point: similarity 1 to other zero embeddings, 0 to the rest."""
     x = np.asarray(embeddings, dtype=np.float64)
     n = x.shape[0]
     if n < 2:
         return float(n)
-    x = x - x.mean(axis=0, keepdims=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x / np.maximum(norms, 1e-12)
+    norms = np.linalg.norm(x, axis=1)
+    zero = norms < 1e-12
+    x = x / np.where(zero, 1.0, norms)[:, None]
     k = x @ x.T
-    # Identical images centre to (near) zero vectors; give them self-similarity 1 so K stays a kernel.
+    k[np.ix_(zero, zero)] = 1.0
     np.fill_diagonal(k, 1.0)
     eig = np.clip(np.linalg.eigvalsh(k / n), 0, None)
     eig = eig[eig > 1e-12]
