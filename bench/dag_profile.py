@@ -55,12 +55,12 @@ def timed(bucket: dict, key: str):
     return wrap
 
 
-def build(algorithm: str, epochs: int, out: str):
+def build(algorithm: str, epochs: int, out: str, extra: tuple[str, ...] = (), name: str = ""):
     from diffalign.config import load_config
     from diffalign.trainer import Trainer
 
-    cfg = load_config(overrides=[*OVERRIDES, f'output_dir="{out}/{algorithm}"', f'train.algorithm="{algorithm}"',
-                                 f"train.epochs={epochs}"], reward={"terms": [{"name": "toy", "args": {"mode": "partial"}}]})
+    cfg = load_config(overrides=[*OVERRIDES, f'output_dir="{out}/{name or algorithm}"', f'train.algorithm="{algorithm}"',
+                                 f"train.epochs={epochs}", *extra], reward={"terms": [{"name": "toy", "args": {"mode": "partial"}}]})
     return Trainer(cfg, log=lambda m: None)
 
 
@@ -132,10 +132,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per algorithm (after one warm-up each)")
     ap.add_argument("--algorithm", default="dag-kl", choices=["dag-kl", "dag-db"])
     ap.add_argument("--out", default="bench/out/dag_profile")
+    ap.add_argument("--tiny-decoder", action="store_true",
+                    help="also time the DAG algorithm with dag.forward_decoder = 'toy' (the distilled small decoder)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
     trainers = {"ddpo": build("ddpo", args.epochs + 1, args.out), args.algorithm: build(args.algorithm, args.epochs + 1, args.out)}
+    if args.tiny_decoder:
+        trainers[f"{args.algorithm}+tiny"] = build(args.algorithm, args.epochs + 1, args.out,
+                                                   ('dag.forward_decoder="toy"',), name=f"{args.algorithm}-tiny")
     for t in trainers.values():
         t.run_epoch(0)  # warm-up (first-call overheads, allocator)
     totals = {name: defaultdict(float) for name in trainers}
@@ -150,9 +155,10 @@ def main() -> None:
     print(f"{'phase':10s} " + " ".join(f"{n:>9s}" for n in trainers))
     for key in keys:
         print(f"{key:10s} " + " ".join(f"{totals[n].get(key, 0.0):9.2f}" for n in trainers))
-    ratio = totals[args.algorithm]["epoch"] / totals["ddpo"]["epoch"]
-    train_ratio = totals[args.algorithm]["train"] / totals["ddpo"]["train"]
-    print(f"\nepoch ratio {args.algorithm} / ddpo: {ratio:.2f}   train-phase ratio: {train_ratio:.2f}")
+    for name in list(trainers)[1:]:
+        ratio = totals[name]["epoch"] / totals["ddpo"]["epoch"]
+        train_ratio = totals[name]["train"] / totals["ddpo"]["train"]
+        print(f"\nepoch ratio {name} / ddpo: {ratio:.2f}   train-phase ratio: {train_ratio:.2f}")
     share = split["flow_fwd_bwd"] / (split["flow_fwd_bwd"] + split["policy_fwd_bwd"])
     print(f"one minibatch of {trainers[args.algorithm].cfg.train.batch_size}: policy fwd+bwd {split['policy_fwd_bwd']:.3f} s, "
           f"flow fwd+bwd (x_t and x_t') {split['flow_fwd_bwd']:.3f} s -> flow share of the update {share:.0%}")

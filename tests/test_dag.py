@@ -321,3 +321,67 @@ def test_flow_warmup_trains_the_flow_only(tiny_pipe_dir, tmp_path):
     metrics = trainer.run_epoch(1)
     assert "train/warmup" not in metrics
     assert any(not torch.equal(a, b) for a, b in zip(lora0, trainer.lora_params))
+
+
+def test_forward_decoder_is_used_for_the_forward_looking_decodes(tiny_pipe, tmp_path):
+    from diffalign.algorithms.flow import load_forward_decoder
+    from diffalign.toy.decoder import build_tiny_autoencoder
+
+    assert load_forward_decoder("") is None
+    with pytest.raises(ValueError, match="dag.forward_decoder"):
+        load_forward_decoder(str(tmp_path / "nothing-here"))
+    torch.manual_seed(0)
+    build_tiny_autoencoder().save_pretrained(tmp_path / "tiny")
+    decoder = load_forward_decoder(str(tmp_path / "tiny"))
+    traj = sample_trajectories(tiny_pipe, ["two red circles"], num_steps=3, guidance_scale=4.0,
+                               generator=torch.Generator().manual_seed(0))
+    rows, steps = torch.tensor([0, 0]), torch.tensor([0, 2])
+    with_small = ForwardLookingRewards(tiny_pipe, traj, REWARD, decoder=decoder)[rows, steps]
+    with_vae = ForwardLookingRewards(tiny_pipe, traj, REWARD)[rows, steps]
+    from diffalign.sampling import decode_latents, predict_x0_eps
+
+    x0, _ = predict_x0_eps(tiny_pipe.scheduler, traj.cond_eps[rows, steps], traj.timesteps[steps], traj.latents[rows, steps])
+    expected = _mean_brightness(decode_latents(tiny_pipe, x0, vae=decoder).permute(0, 2, 3, 1).numpy() * 255, 0, 0)
+    torch.testing.assert_close(with_small, torch.as_tensor(expected, dtype=torch.float32), atol=2e-3, rtol=0)
+    assert not torch.allclose(with_small, with_vae, atol=1e-3)
+
+
+def test_small_decoder_training_resumes_and_exports(tiny_pipe, tmp_path):
+    from diffalign.toy.decoder import DecoderTrainConfig, train_decoder
+
+    cfg = DecoderTrainConfig(out_dir=str(tmp_path / "d"), num_trajectories=16, steps=4, batch=4, checkpoint_every=2)
+    logs = []
+    first = train_decoder(DecoderTrainConfig(**{**cfg.__dict__, "steps": 2}), pipe=tiny_pipe, log=logs.append)
+    assert (tmp_path / "d" / "decoder.pt").is_file() and (first / "config.json").is_file()
+    target = train_decoder(cfg, pipe=tiny_pipe, log=logs.append)
+    assert any("resumed at step 2" in m for m in logs)  # the data and the first steps were not redone
+    from diffusers import AutoencoderTiny
+
+    dec = AutoencoderTiny.from_pretrained(target)
+    assert dec.decoder(torch.randn(1, 4, 16, 16)).shape == (1, 3, 64, 64)
+
+
+def test_db_huber_bounds_the_residuals_weight_on_the_policy(tiny_pipe):
+    policy = Policy(tiny_pipe.unet, tiny_pipe.scheduler, 4.0, 1.0, "mean", contextlib.nullcontext)
+    traj = sample_trajectories(tiny_pipe, ["two red circles", "one blue square"], num_steps=4, guidance_scale=4.0,
+                               generator=torch.Generator().manual_seed(2))
+    tr = _transitions(traj, 1)
+    flow = FlowNetwork(in_channels=4, cross_attention_dim=tiny_pipe.unet.config.cross_attention_dim)
+    grads = {}
+    for name, extra in {"squared": {}, "huber": {"db_huber_delta": 0.5}}.items():
+        algo = _dag(tiny_pipe, proximal_weight=0.0, step_baseline="false", **extra)
+        algo._flow_module = flow
+        # The forward-looking reward drops by 5 across step 1: a residual of beta x 5 = 50 nats.
+        fl = torch.zeros(2, 4)
+        fl[:, 1] = 5.0
+        prepared = {"forward_reward": fl, "beta": 10.0, "terminal_reward": torch.zeros(2)}
+        log_pf = torch.zeros(2, requires_grad=True)
+        algo_loss = algo.loss.__func__
+        orig = policy.log_prob
+        policy.log_prob = lambda tr, lp=log_pf: (lp + orig(tr)[0].detach(), orig(tr)[1])
+        loss, _ = algo_loss(algo, tr, policy, prepared, epoch=5)
+        policy.log_prob = orig
+        loss.backward()
+        grads[name] = log_pf.grad.abs().max().item()
+    assert grads["squared"] > 5  # 2 |residual| / B with |residual| in the tens
+    assert grads["huber"] == pytest.approx(2 * 0.5 / 2, rel=1e-4)  # capped at 2 delta, averaged over B = 2

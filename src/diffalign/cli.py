@@ -182,6 +182,19 @@ def toy_train(out: Path = typer.Option(Path("runs/toy-pretrain"), help="Working 
     _run(lambda: train_toy_model(cfg, log=lambda m: typer.echo(m)))
 
 
+@toy_app.command("train-decoder")
+def toy_train_decoder(out: Path = typer.Option(Path("runs/toy-decoder"), help="Working directory (checkpoints)."),
+                      export: Path = typer.Option(None, help="Where to write the decoder (diffusers AutoencoderTiny)."),
+                      seed: int = typer.Option(0), steps: int = typer.Option(1500),
+                      trajectories: int = typer.Option(192, help="Sampled trajectories whose x0-predictions it learns.")):
+    """Distil the toy VAE's decoder into a small one for DAG's forward-looking rewards (resumable)."""
+    from .toy.decoder import DecoderTrainConfig, train_decoder
+
+    cfg = DecoderTrainConfig(out_dir=str(out), export_dir=str(export or ""), seed=seed, steps=steps,
+                             num_trajectories=trajectories)
+    _run(lambda: train_decoder(cfg, log=lambda m: typer.echo(m)))
+
+
 @toy_app.command("card")
 def toy_card(model: str = typer.Option("toy", help="Pipeline to measure ('toy' or a directory)."),
              out: Path = typer.Option(Path("docs"), help="Where the card and its PNGs go."),

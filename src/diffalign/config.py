@@ -103,6 +103,15 @@ class DAGConfig(_Section):
         "conditional (the text-conditional, unguided prediction of the sampling model, computed inside the CFG call "
         "at no extra cost), guided (the CFG prediction used for the step), or current (an extra conditional pass of "
         "the model being trained, for x_t and x_t' of every trained transition, as the reference does).")
+    forward_decoder: str = Field(
+        "", description="Decoder of the forward-looking x0_hat: '' the pipeline's VAE; 'toy' the toy model's distilled "
+        "small decoder (diffalign toy train-decoder); or a directory / hub id of a diffusers AutoencoderTiny taking the "
+        "same latents (madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL). Cheaper decodes, approximate "
+        "images: bench/RESULTS.md measures the effect on the forward-looking reward.")
+    db_huber_delta: float | None = Field(
+        None, gt=0, description="DAG-DB: bound the weight a transition's DB residual puts on the policy's gradient by a "
+        "Huber loss with this delta (in nats of the residual) instead of the square; unset: the paper's squared loss. "
+        "A trust region for long runs at large beta, where the residual grows with beta (bench/RESULTS.md).")
     flow_warmup_epochs: int = Field(
         0, ge=0, description="Epochs at the start that train only the flow network (the policy frozen): a critic "
         "warm-up. They sample and count toward the trajectory budget like any epoch.")

@@ -201,9 +201,9 @@ def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> tuple[tor
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images (B, 3, H, W) in [0, 1]."""
-    vae = pipe.vae
+def decode_latents(pipe, latents: torch.Tensor, vae=None) -> torch.Tensor:
+    """Latents -> images (B, 3, H, W) in [0, 1], with the pipeline's VAE or another decoder (``vae``)."""
+    vae = vae if vae is not None else pipe.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 

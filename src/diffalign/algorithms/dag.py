@@ -11,6 +11,8 @@ Notation (see ``flow.py`` for log F, p_B, beta and the log-prob reduction):
 
 DAG-DB (eq. 8, with the proximal term of Sec. 4):
     L = (log_f + log_pf - log_pb - log_f_next)^2 + lambda ||eps - eps_old||^2
+    with ``dag.db_huber_delta`` = d (our option, off by default) the square becomes 2 Huber_d: the same inside
+    |residual| < d, linear beyond, so no transition weighs the policy's gradient by more than 2 d.
 
 DAG-KL (Sec. 4.2): the flow keeps the DB loss with log_pf detached; the policy follows the REINFORCE
 gradient of KL(p_theta(. | x_t) || p_B F / F(x_t)) with a leave-one-out baseline and PPO clipping:
@@ -38,7 +40,7 @@ import torch.distributed as dist
 from ..sampling import alphas_at, predict_x0_eps
 from .base import Algorithm, Policy, Transition
 from .ddpo import ppo_clipped_loss
-from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, backward_log_prob
+from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, backward_log_prob, load_forward_decoder
 
 
 def db_residual(log_f, log_pf, log_pb, log_f_next):
@@ -67,6 +69,7 @@ class DAG(Algorithm):
         self.pipe = pipe
         self.flow = FlowNetwork(in_channels=pipe.unet.config.in_channels,
                                 cross_attention_dim=pipe.unet.config.cross_attention_dim)
+        self.decoder = load_forward_decoder(self.dag.forward_decoder, pipe.vae.device)  # None: the VAE
         self.beta = 0.0
         self.step_offset: torch.Tensor | None = None  # b_k, running mean of the DB residual at step k
         self.step_seen: torch.Tensor | None = None
@@ -105,7 +108,10 @@ class DAG(Algorithm):
         # Scored lazily, on first use by a trained transition (see ForwardLookingRewards).
         # With forward_looking = "current" only its scorer is used (log_flows makes the model pass per transition).
         source = "guided" if self.dag.forward_looking == "guided" else "conditional"
-        fl = ForwardLookingRewards(self.pipe, traj, context["reward"], tag=f"{epoch + 1}.", source=source)  # (n, T)
+        if self.decoder is not None:
+            self.decoder.to(self.pipe.vae.device)
+        fl = ForwardLookingRewards(self.pipe, traj, context["reward"], tag=f"{epoch + 1}.", source=source,
+                                   decoder=self.decoder)  # stands for (n, T)
         terminal = rewards[rank * n:(rank + 1) * n].float()  # r(x_0) of this process's trajectories
         # Kept per process: these are (n, ...) tensors, not gathered ones (trainer slices only (n*world, ...)).
         return {"forward_reward": fl, "terminal_reward": terminal, "beta": self.beta}
@@ -174,7 +180,11 @@ class DAG(Algorithm):
             residual = db_residual(log_f, log_pf, log_pb, log_f_next)
             if self.dag.step_baseline:
                 residual = self.center_by_step(residual, tr.step_index, num_steps)
-            db_loss = (residual**2).mean()
+            if self.dag.db_huber_delta is None:
+                db_loss = (residual**2).mean()
+            else:  # quadratic within +-delta, linear beyond: the gradient's weight on log p_theta is capped at 2 delta
+                db_loss = 2 * torch.nn.functional.huber_loss(residual, torch.zeros_like(residual),
+                                                             delta=self.dag.db_huber_delta)
             loss = db_loss + self.dag.proximal_weight * proximal.mean()
             stats.update(db_loss=db_loss.item(), db_residual_abs=residual.abs().mean().item())
             return loss, stats

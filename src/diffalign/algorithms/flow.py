@@ -105,6 +105,23 @@ def annealed_beta(final: float, epoch: int, num_epochs: int, anneal_fraction: fl
     return final * min(1.0, epoch / ramp)
 
 
+def load_forward_decoder(name: str, device=None):
+    """The decoder ``dag.forward_decoder`` names: None for the pipeline's VAE, else a frozen AutoencoderTiny."""
+    if not name:
+        return None
+    from diffusers import AutoencoderTiny
+
+    if name == "toy":
+        from ..pipeline import TOY_MODEL_DIR
+        name = str(TOY_MODEL_DIR / "vae_tiny")
+    try:
+        decoder = AutoencoderTiny.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"dag.forward_decoder {name!r} could not be loaded as a diffusers AutoencoderTiny ({e}); "
+                         f"give a directory or hub id of one, 'toy', or '' for the pipeline's VAE") from None
+    return decoder.requires_grad_(False).eval().to(device or "cpu")
+
+
 class ForwardLookingRewards:
     """r~(x_k) for the states of one epoch's trajectories, computed on first use and cached.
 
@@ -114,10 +131,12 @@ class ForwardLookingRewards:
     trained, about a quarter of the decodes (the main cost of DAG on small models) are skipped.
     """
 
-    def __init__(self, pipe, trajectories, reward, batch_size: int = 64, tag: str = "", source: str = "conditional"):
+    def __init__(self, pipe, trajectories, reward, batch_size: int = 64, tag: str = "", source: str = "conditional",
+                 decoder=None):
         if source not in ("conditional", "guided"):
             raise ValueError(f"forward-looking source {source!r}: cached rewards use 'conditional' or 'guided'")
         self.pipe, self.traj, self.reward, self.source = pipe, trajectories, reward, source
+        self.decoder = decoder  # None: the pipeline's VAE
         self.batch_size, self.tag = batch_size, tag
         self.values = torch.full((trajectories.latents.shape[0], trajectories.num_steps), float("nan"))
         self.decoded = 0  # states decoded and scored so far (the cost counter)
@@ -157,7 +176,7 @@ class ForwardLookingRewards:
     @torch.no_grad()
     def score_x0(self, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """r(decode(x0), c) for a batch of predicted clean latents."""
-        images = decode_latents(self.pipe, x0.to(self.pipe.vae.device))
+        images = decode_latents(self.pipe, x0.to(self.pipe.vae.device), vae=self.decoder)
         total, _ = self.reward(images, prompts, [{} for _ in prompts], batch=f"{self.tag}forward-looking {self._calls}")
         self._calls += 1
         return torch.as_tensor(total, dtype=torch.float32)
