@@ -1,0 +1,104 @@
+"""The DAG paper's two claims, read off sample_efficiency.py results (issue 21 item 5).
+
+1. Sample efficiency: for each method and seed, the first evaluated budget at which the evaluation reward
+   reaches DDPO's mean evaluation reward at ``--target-budget`` trajectories (or "not reached").
+2. Reward / diversity trade-off: Vendi diversity against reward at every evaluated checkpoint of every run,
+   one colour per method (a Pareto plot), and, at matched reward, the diversity of each method.
+
+    .venv/bin/python bench/dag_claims.py --results bench/out/dag_long bench/out/dag_ablation_toy --target-budget 1280
+
+Writes ``<first results dir>/claims.md`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def load(dirs: list[Path]) -> list[dict]:
+    runs, seen = [], set()
+    for d in dirs:
+        for r in json.loads((d / "results.json").read_text()):
+            key = (r["reward"], r["algorithm"], r["seed"], r["points"][-1]["trajectories"])
+            if key not in seen:
+                seen.add(key)
+                runs.append(r)
+    return runs
+
+
+def efficiency(runs: list[dict], reward: str, target_budget: int) -> list[str]:
+    ddpo = [p["reward_mean"] for r in runs if r["reward"] == reward and r["algorithm"] == "ddpo"
+            for p in r["points"] if p["trajectories"] == target_budget]
+    if not ddpo:
+        return [f"no DDPO run of {reward} reached {target_budget} trajectories"]
+    target = float(np.mean(ddpo))
+    lines = [f"**{reward}**: DDPO's mean evaluation reward at {target_budget} trajectories = {target:.3f} "
+             f"({len(ddpo)} seeds)", "", "| method | seed | evaluated up to | first budget reaching it | best reward |",
+             "|---|---|---|---|---|"]
+    for r in sorted((r for r in runs if r["reward"] == reward), key=lambda r: (r["algorithm"], r["seed"])):
+        hit = next((p["trajectories"] for p in r["points"] if p["reward_mean"] >= target), None)
+        last = r["points"][-1]["trajectories"]
+        best = max(p["reward_mean"] for p in r["points"])
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {last} | {hit if hit is not None else 'not reached'} | "
+                     f"{best:.3f} |")
+    return lines
+
+
+def pareto(runs: list[dict], reward: str, path: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    lines = [f"**{reward}**, diversity (Vendi per prompt) at matched reward (checkpoints binned by reward):", "",
+             "| reward bin | " + " | ".join(sorted({r['algorithm'] for r in runs if r['reward'] == reward})) + " |"]
+    algos = sorted({r["algorithm"] for r in runs if r["reward"] == reward})
+    lines.append("|---|" + "---|" * len(algos))
+    pts = {a: np.array([(p["reward_mean"], p["diversity"]) for r in runs if r["reward"] == reward and r["algorithm"] == a
+                        for p in r["points"][1:]]) for a in algos}
+    for a in algos:
+        if len(pts[a]):
+            ax.scatter(pts[a][:, 0], pts[a][:, 1], s=14, label=a, alpha=0.7)
+    base = [r["points"][0] for r in runs if r["reward"] == reward][:1]
+    if base:
+        ax.scatter([base[0]["reward_mean"]], [base[0]["diversity"]], marker="*", s=120, c="k", label="base")
+    ax.set_xlabel("evaluation reward")
+    ax.set_ylabel("diversity (Vendi, per prompt)")
+    ax.set_title(f"{reward}: reward vs diversity at every checkpoint")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    allr = np.concatenate([v[:, 0] for v in pts.values() if len(v)])
+    edges = np.quantile(allr, [0, 0.25, 0.5, 0.75, 1.0])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        cells = []
+        for a in algos:
+            v = pts[a]
+            sel = v[(v[:, 0] >= lo) & (v[:, 0] <= hi)] if len(v) else v
+            cells.append(f"{sel[:, 1].mean():.2f} (n={len(sel)})" if len(sel) else "-")
+        lines.append(f"| {lo:.3f}-{hi:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, nargs="+", required=True)
+    ap.add_argument("--target-budget", type=int, default=1280)
+    args = ap.parse_args()
+    runs = load(args.results)
+    out = args.results[0]
+    md = []
+    for reward in dict.fromkeys(r["reward"] for r in runs):
+        md += efficiency(runs, reward, args.target_budget) + [""]
+        md += pareto(runs, reward, out / f"pareto_{reward}.png") + [""]
+    (out / "claims.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
