@@ -462,7 +462,7 @@ class Trainer:
             raise RewardError(
                 f"nothing was trained: every reward batch of the {cfg.train.epochs} epoch(s) was skipped "
                 f"({self.state.skipped_batches} batches, reward.on_error = \"skip_batch\"), so no LoRA was written "
-                f"(per-epoch counts in {self.out / 'metrics.jsonl'}). Fix the reward: the warnings above say why "
+                f"(per-epoch counts in the run's metrics.jsonl). Fix the reward: the warnings above say why "
                 f"each batch failed")
         return self.finish()
 
