@@ -81,7 +81,7 @@ def test_failing_reward_stops_with_a_clear_message_and_trains_nothing(tiny_pipe_
     cfg = load_config(overrides=tiny_run_overrides(tiny_pipe_dir, tmp_path / "run", bad, "train.epochs=2"))
     trainer = Trainer(cfg, log=lambda m: None)
     lora_before = {n: p.detach().clone() for n, p in trainer.pipe.unet.named_parameters() if "lora_" in n}
-    with pytest.raises(RewardError, match=r"reward 'python' on batch 0\.0 returned non-finite"):
+    with pytest.raises(RewardError, match=r"reward 'python' on batch 1 of epoch 1 returned non-finite"):
         trainer.fit()
     for n, p in trainer.pipe.unet.named_parameters():
         if "lora_" in n:

@@ -11,11 +11,15 @@ are learned from), so ``sample.batch_size`` and ``train.batch_size`` can differ.
 from __future__ import annotations
 
 import ast
+import datetime
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .redact import redact
 
 ALGORITHMS = ("ddpo", "dag-db", "dag-kl")
 
@@ -297,19 +301,42 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif not e["loc"]:  # a check across fields: its message names them; the whole input would be noise
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
-            got = e.get("input")
+            # The input of a secret-looking field (or a structure holding one) is shown redacted: stderr is logged.
+            got = redact({str(e["loc"][-1]): e.get("input")})[str(e["loc"][-1])]
             lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')} (got {got!r})")
     return "\n".join(lines)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, takes_text: bool = False) -> Any:
+    """A ``--set`` value: TOML (``3``, ``true``, ``["a", "b"]``, ``"quoted"``), else the text itself, so that
+    ``--set train.algorithm=dag-kl`` and ``--set model.id=/path/to/model`` need no shell-proof quoting.
+
+    ``takes_text``: the field holds text (``model.id``, ``model.revision``); a value that TOML reads as a
+    number, boolean or date (``--set model.revision=1234``) is then kept as the text that was typed.
+    """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             return text  # a bare string: --set model.id=runwayml/stable-diffusion-v1-5
+    if isinstance(value, datetime.date | datetime.time) or (takes_text and isinstance(value, bool | int | float)):
+        return text
+    return value
+
+
+def _takes_text(parts: list[str]) -> bool:
+    """Whether the field at ``parts`` (section.key) is a text field (its type admits str, not numbers)."""
+    model: Any = RunConfig
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        if i < len(parts) - 1:
+            model = field.annotation
+    args = set(typing.get_args(field.annotation)) or {field.annotation}
+    return str in args and not args & {int, float, bool}
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -323,7 +350,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(value.strip())
+        node[parts[-1]] = _parse_value(value.strip(), _takes_text(parts))
     return data
 
 
@@ -354,7 +381,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_errors(e, source)) from None
 
 
+def redacted_dump(cfg: RunConfig, exclude_none: bool = True) -> dict:
+    """The config as plain data with secrets replaced (see redact.py): what any file, log or tracker may get."""
+    return redact(cfg.model_dump(mode="json", exclude_none=exclude_none))
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the config as TOML, secrets redacted (``env:VAR`` references are kept, so it can be rerun)."""
     import tomli_w
 
-    Path(path).write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    Path(path).write_text(tomli_w.dumps(redacted_dump(cfg)))

@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
 
 from .algorithms import DDPO, Policy, Transition, build_algorithm
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, redacted_dump
 from .pipeline import attach_lora, load_pipeline, lora_state_dict, save_lora
 from .prompts import resolve_prompts
 from .reliability import CheckpointError, fault_point, verify_checkpoint, write_manifest
@@ -275,7 +275,8 @@ class Trainer:
                     generator=gens, reduction=cfg.sample.log_prob_reduction, unet=base_unet,
                 )
                 fault_point("sample")  # tests: a crash with sampled trajectories only in memory
-                pending.append((traj, pool.submit(traj.images, prompts, traj.metadata, batch=f"{epoch}.{b}")))
+                pending.append((traj, pool.submit(traj.images, prompts, traj.metadata,
+                                                  batch=f"{b + 1} of epoch {epoch + 1}")))
             kept, scores, infos = [], [], []
             for traj, fut in pending:
                 try:
@@ -327,7 +328,7 @@ class Trainer:
                     loss, stats = self.algorithm.loss(tr, self.policy, prepared, epoch)
                     if not torch.isfinite(loss):  # before backward: a NaN must never reach the weights
                         raise FloatingPointError(
-                            f"epoch {epoch}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
+                            f"epoch {epoch + 1}: non-finite loss {loss.item()} from {self.algorithm.name}; lower the "
                             f"learning rate or the reward scale")
                     acc.backward(loss)
                     if acc.sync_gradients:
@@ -378,10 +379,15 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         t0 = time.time()
         # 1-3. Sample and score.
+        skipped_before = self.state.skipped_batches
         traj, rewards, info = self.sample_epoch(epoch)
         t_sample = time.time() - t0
-        if traj is None:
-            return {"epoch": epoch + 1, "skipped": True}
+        skipped = self.state.skipped_batches - skipped_before
+        if traj is None:  # every batch's reward failed (reward.on_error = "skip_batch"): nothing to train on
+            self.state.epoch = epoch + 1
+            return self._record({"epoch": epoch + 1, "trajectories": self.state.trajectories,
+                                 "optimizer_steps": self.state.optimizer_steps, "skipped_batches": skipped,
+                                 "trained": False, "time_sample": t_sample})
         # 4. Gather rewards and prompts from all processes; the algorithm turns them into targets.
         all_rewards = acc.gather(rewards.to(acc.device)).cpu()
         all_prompts = [p for part in gather_objects(acc, traj.prompts) for p in part]
@@ -400,16 +406,21 @@ class Trainer:
         metrics = {
             "epoch": epoch + 1, "trajectories": self.state.trajectories, "optimizer_steps": self.state.optimizer_steps,
             "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
-            "time_sample": t_sample, "time_train": t_train, **{f"train/{k}": v for k, v in stats.items()},
+            "skipped_batches": skipped, "time_sample": t_sample, "time_train": t_train,
+            **{f"train/{k}": v for k, v in stats.items()},
         }
         for k, v in info.items():
             if isinstance(v, float | int):
                 metrics[f"reward/{k}"] = float(v)
-        self.state.history.append(metrics)
-        acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch + 1)
         if cfg.log.image_every and (epoch + 1) % cfg.log.image_every == 0 and acc.is_main_process:
             self._log_images(traj, epoch + 1)
-        if acc.is_main_process:
+        return self._record(metrics)
+
+    def _record(self, metrics: dict) -> dict:
+        """An epoch's line: history, tracker, metrics.jsonl (epochs counted from 1 everywhere)."""
+        self.state.history.append(metrics)
+        self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=metrics["epoch"])
+        if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         return metrics
@@ -433,7 +444,8 @@ class Trainer:
             if path is None:
                 self.log(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
             else:
-                self.log(f"resumed from {path} (epoch {self.state.epoch})")
+                self.log(f"resumed from {path} ({self.state.epoch} epoch(s) done; continuing with epoch "
+                         f"{self.state.epoch + 1} of {cfg.train.epochs})")
                 if acc.is_main_process:  # metrics.jsonl may hold epochs after the checkpoint: rewrite it
                     with open(self.out / "metrics.jsonl", "w") as f:
                         f.writelines(json.dumps(m) + "\n" for m in self.state.history)
@@ -445,15 +457,30 @@ class Trainer:
         derived = cfg.derived(self.world)
         self.log(f"{cfg.train.algorithm}: {derived} on {self.world} process(es), device {acc.device}")
         progress = _progress(cfg.log.progress and acc.is_main_process, cfg.train.epochs, self.state.epoch)
-        for epoch in range(self.state.epoch, cfg.train.epochs):
-            metrics = self.run_epoch(epoch)
+        logs = self.log, self._log_here
+        if progress is not None:  # messages (skip warnings) go above the bar, not onto its line
+            self.log, self._log_here = _above_bar(self.log), _above_bar(self._log_here)
+        try:
+            for epoch in range(self.state.epoch, cfg.train.epochs):
+                metrics = self.run_epoch(epoch)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(traj=metrics.get("trajectories"),
+                                         reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+                # Nothing trained yet (every batch skipped): no checkpoint to resume an untrained LoRA from.
+                if (cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0 and epoch + 1 < cfg.train.epochs
+                        and self.state.optimizer_steps > 0):
+                    self.save_checkpoint()
+        finally:
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(traj=metrics.get("trajectories"), reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
-            if cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0 and epoch + 1 < cfg.train.epochs:
-                self.save_checkpoint()
-        if progress is not None:
-            progress.close()
+                progress.close()  # ends the bar's line, so that an error printed next starts on its own
+            self.log, self._log_here = logs
+        if self.state.optimizer_steps == 0:
+            raise RewardError(
+                f"nothing was trained: every reward batch of the {cfg.train.epochs} epoch(s) was skipped "
+                f"({self.state.skipped_batches} batches, reward.on_error = \"skip_batch\"), so no LoRA was written "
+                f"(per-epoch counts in the run's metrics.jsonl). Fix the reward: the warnings above say why "
+                f"each batch failed")
         return self.finish()
 
     def finish(self) -> TrainResult:
@@ -565,7 +592,7 @@ def _merge_infos(infos: list[dict]) -> dict:
 
 def _flat_config(cfg: RunConfig) -> dict:
     flat = {}
-    for section, values in cfg.model_dump(mode="json").items():
+    for section, values in redacted_dump(cfg, exclude_none=False).items():
         if isinstance(values, dict):
             for k, v in values.items():
                 flat[f"{section}.{k}"] = v if isinstance(v, int | float | str | bool) else json.dumps(v)
@@ -583,6 +610,16 @@ def _progress(enabled: bool, total: int, initial: int):
 
 def _quiet(message: str) -> None:
     pass
+
+
+def _above_bar(log):
+    """``log`` with tqdm's bars cleared while it writes and redrawn after, so a message gets its own line."""
+    from tqdm import tqdm
+
+    def write(message: str) -> None:
+        with tqdm.external_write_mode():
+            log(message)
+    return write
 
 
 def _json_default(o):

@@ -110,9 +110,9 @@ CASES = [
          expect=("sample.prompts", "at least one prompt")),
     # --- reward outputs (python) --------------------------------------------------------------------------
     Case("reward-nan", "reward", "python reward returning NaN", sets=(_python_reward("tests.helpers.user_rewards:returns_nan"),),
-         expect=("reward 'python' on batch 0.0", "non-finite", "reward.on_error")),
+         expect=("reward 'python' on batch 1 of epoch 1", "non-finite", "reward.on_error")),
     Case("reward-inf", "reward", "python reward returning inf", sets=(_python_reward("tests.reliability.bad_rewards:returns_inf"),),
-         expect=("reward 'python' on batch 0.0", "non-finite", "reward.on_error")),
+         expect=("reward 'python' on batch 1 of epoch 1", "non-finite", "reward.on_error")),
     Case("reward-wrong-length", "reward", "python reward returning 5 scores for 4 images",
          sets=(_python_reward("tests.helpers.user_rewards:wrong_count"),), expect=("returned 5 scores for 4 images",)),
     Case("reward-2d", "reward", "python reward returning a (4, 2) array",
@@ -122,28 +122,40 @@ CASES = [
     Case("reward-none", "reward", "python reward returning None",
          sets=(_python_reward("tests.reliability.bad_rewards:returns_none"),), expect=("reward 'python'", "not a sequence of numbers")),
     Case("reward-raises", "reward", "python reward raising RuntimeError",
-         sets=(_python_reward("tests.helpers.user_rewards:raises"),), expect=("reward 'python' raised on batch 0.0", "scoring backend unavailable")),
+         sets=(_python_reward("tests.helpers.user_rewards:raises"),), expect=("reward 'python' raised on batch 1 of epoch 1", "scoring backend unavailable")),
     Case("reward-skip-exhausted", "reward", 'raising reward with `on_error = "skip_batch"`, `max_skipped_batches = 0`',
          sets=(_python_reward("tests.helpers.user_rewards:raises"), 'reward.on_error="skip_batch"', "reward.max_skipped_batches=0"),
          expect=("reward.max_skipped_batches", "raise the limit")),
+    Case("reward-all-skipped", "reward", 'raising reward with `on_error = "skip_batch"`: every batch of the run skipped',
+         sets=(_python_reward("tests.helpers.user_rewards:raises"), 'reward.on_error="skip_batch"'),
+         expect=("nothing was trained", "no LoRA was written", "metrics.jsonl")),
     # --- reward outputs (HTTP scoring service) ------------------------------------------------------------
-    Case("http-500", "reward", "scoring service answering HTTP 500", sets=(_http_reward("/500", retries=1, backoff=0.01),),
+    Case("http-500", "reward", "scoring service answering HTTP 500 (`retries = 1`, `backoff = 0.01`)", sets=(_http_reward("/500", retries=1, backoff=0.01),),
          expect=("http reward http://127.0.0.1:<port>/500", "HTTP 500", "2 attempt")),
-    Case("http-timeout", "reward", "scoring service slower than `timeout = 0.5`",
+    Case("http-timeout", "reward", "scoring service slower than `timeout = 0.5` (`retries = 0`)",
          sets=(_http_reward("/slow", timeout=0.5, retries=0),), expect=("http reward", "/slow", "timed out after 0.5s")),
-    Case("http-invalid-json", "reward", "scoring service answering `not json`", sets=(_http_reward("/badjson", retries=0),),
+    Case("http-invalid-json", "reward", "scoring service answering `not json` (`retries = 0`)", sets=(_http_reward("/badjson", retries=0),),
          expect=("http reward", "response is not JSON")),
-    Case("http-no-scores", "reward", 'scoring service answering `{"score": 1}`', sets=(_http_reward("/noscores", retries=0),),
+    Case("http-no-scores", "reward", 'scoring service answering `{"score": 1}` (`retries = 0`)', sets=(_http_reward("/noscores", retries=0),),
          expect=("http reward", "must be a JSON object with 'scores'")),
-    Case("http-wrong-count", "reward", "scoring service answering 3 scores for 4 images",
-         sets=(_http_reward("/short", retries=0),), expect=("reward 'http'", "returned 3 scores for 4 images")),
-    Case("http-nan", "reward", 'scoring service answering `{"scores": [NaN, ...]}`', sets=(_http_reward("/nan", retries=0),),
-         expect=("reward 'http'", "non-finite")),
-    Case("http-404", "reward", "scoring service answering HTTP 404 (wrong path)", sets=(_http_reward("/wrong-path", retries=2),),
+    Case("http-wrong-count", "reward", "scoring service answering 3 scores for 4 images (`retries = 0`)",
+         sets=(_http_reward("/short", retries=0),),
+         expect=("reward 'http' (http://127.0.0.1:<port>/short)", "returned 3 scores for 4 images")),
+    Case("http-nan", "reward", 'scoring service answering `{"scores": [NaN, ...]}` (`retries = 0`)',
+         sets=(_http_reward("/nan", retries=0),), expect=("reward 'http' (http://127.0.0.1:<port>/nan)", "non-finite")),
+    Case("http-null", "reward", 'scoring service answering `{"scores": [0.5, null, ...]}` (`retries = 0`)',
+         sets=(_http_reward("/null", retries=0),), expect=("/null", "null (None) at position 1")),
+    Case("http-429", "reward", "scoring service answering HTTP 429 with `Retry-After: 0.1` (`retries = 1`)",
+         sets=(_http_reward("/429", retries=1),), expect=("/429 failed after 2 attempt(s)", "Retry-After: 0.1")),
+    Case("http-404", "reward", "scoring service answering HTTP 404 (wrong path; `retries = 2`, a 4xx is not retried)", sets=(_http_reward("/wrong-path", retries=2),),
          expect=("http reward", "HTTP 404", "1 attempt")),
-    Case("http-refused", "reward", "scoring service not running (connection refused)",
+    Case("http-refused", "reward", "scoring service not running (connection refused; `retries = 0`)",
          sets=('reward.terms=[{name="http", args={url="http://127.0.0.1:{dead}/score", retries=0}}]',),
          expect=("http reward http://127.0.0.1:<port>/score", "ConnectError")),
+    Case("http-env-unset", "config", 'http reward header `Authorization = "env:DIFFALIGN_TEST_UNSET"`, variable unset',
+         sets=('reward.terms=[{name="http", args={url="http://127.0.0.1:{port}/score", '
+               'headers={Authorization="env:DIFFALIGN_TEST_UNSET"}}}]',),
+         expect=("reward.terms[0].args.headers.Authorization", "DIFFALIGN_TEST_UNSET is not set")),
     # --- model paths ------------------------------------------------------------------------------------
     Case("model-missing-dir", "model", "`model.id` = a directory that does not exist", sets=('model.id="{tmp}/no-model"',),
          expect=("model.id", "no model_index.json", "save_pretrained")),
@@ -183,6 +195,14 @@ class _Scorer(BaseHTTPRequestHandler):
             return self._send(200, json.dumps({"scores": [0.5] * (n - 1)}).encode())
         if path == "/nan":
             return self._send(200, b'{"scores": [NaN' + b", 0.5" * (n - 1) + b"]}")
+        if path == "/null":
+            return self._send(200, b'{"scores": [0.5, null' + b", 0.5" * (n - 2) + b"]}")
+        if path == "/429":
+            self.send_response(429)
+            self.send_header("Retry-After", "0.1")
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+            return self.wfile.write(b"slow down!!!")
         return self._send(404, b'{"detail": "Not Found"}')
 
     def _send(self, status, payload, content_type="application/json"):

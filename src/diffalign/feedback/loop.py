@@ -39,7 +39,7 @@ import torch
 from ..algorithms.d3po import D3PO, preference_pairs
 from ..algorithms.ddpo import DDPO
 from ..algorithms.hero import HERO, RoundLabels, UNetFeatures
-from ..config import RunConfig
+from ..config import RunConfig, redacted_dump
 from ..prompts import resolve_prompts
 from ..rewards import to_uint8_images
 from ..sampling import Trajectories, encode_prompts, sample_trajectories
@@ -151,7 +151,7 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         store = FeedbackStore(Path(fb.store_dir) if fb.store_dir else out / "feedback")
-        run_id = store.create_run(out.name, cfg.model_dump(mode="json"))
+        run_id = store.create_run(out.name, redacted_dump(cfg, exclude_none=False))  # no token on disk
     acc.wait_for_everyone()
     if resume and trainer.load_checkpoint() is not None:
         log(f"resumed after round {trainer.state.epoch}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from ..redact import resolve_env
 from . import aesthetic as _aesthetic  # noqa: F401  (registers "aesthetic")
 from . import builtin as _builtin  # noqa: F401  (registers jpeg_*, toy)
 from . import http as _http  # noqa: F401  (registers "http")
@@ -23,8 +24,10 @@ def build_reward(terms) -> WeightedReward:
             raise ValueError(
                 f"reward.terms[{i}].args: {unknown} not accepted by reward {term.name!r}; it takes {sorted(params)}"
             )
+        # "env:VAR" references become their values here, in memory only: the config keeps the reference.
+        args = resolve_env(dict(term.args), f"reward.terms[{i}].args")
         try:
-            reward = factory(**term.args)
+            reward = factory(**args)
         except TypeError as e:
             raise ValueError(f"reward.terms[{i}] ({term.name}): {e}") from None
         built.append((term.name if len(terms) == 1 or term.name not in [t[0] for t in built] else f"{term.name}_{i}",

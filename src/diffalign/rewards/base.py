@@ -62,12 +62,39 @@ def to_uint8_images(images) -> np.ndarray:
     return images
 
 
-def validate_scores(raw, n: int, reward_name: str, batch: int | str) -> np.ndarray:
-    where = f"reward {reward_name!r} on batch {batch}"
+def _describe(value) -> str:
+    if value is None:
+        return "null (None)"
+    if isinstance(value, bool | np.bool_):
+        return f"the boolean {str(bool(value)).lower()}"
+    return f"the string {str(value)[:40]!r}"
+
+
+def _refuse_non_numbers(raw, where: str) -> None:
+    """null, booleans and strings are not scores: numpy would turn them into NaN, 0/1 or a number silently."""
+    if torch.is_tensor(raw):
+        items = raw.reshape(-1)[:1].tolist() if raw.dtype == torch.bool else []
+    elif isinstance(raw, np.ndarray):
+        items = raw.reshape(-1).tolist() if raw.dtype.kind in "bOUS" else []
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+    else:
+        return
+    for i, v in enumerate(items):
+        if v is None or isinstance(v, bool | np.bool_ | str | bytes):
+            raise RewardError(f"{where} returned {_describe(v)} at position {i}: every score must be a number "
+                              f"(null, booleans and strings are refused)")
+
+
+def validate_scores(raw, n: int, reward_name: str, batch: int | str, source: str | None = None) -> np.ndarray:
+    """``raw`` as n finite float64 scores, or a RewardError naming the reward (and ``source``, e.g. its URL),
+    the batch, and what is wrong (count, position and value)."""
+    where = f"reward {reward_name!r}{f' ({source})' if source else ''} on batch {batch}"
     if isinstance(raw, tuple):
         raw = raw[0]
     if raw is None or isinstance(raw, str | bytes | dict):  # numpy would make NaN or an error of these
         raise RewardError(f"{where} returned {type(raw).__name__}, not a sequence of numbers (one score per image)")
+    _refuse_non_numbers(raw, where)
     try:
         scores = np.asarray(raw.detach().cpu() if torch.is_tensor(raw) else raw, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as e:
@@ -97,13 +124,15 @@ class WeightedReward:
         total = np.zeros(len(prompts))
         info: dict[str, Any] = {}
         for term_name, weight, reward in self.terms:
+            source = getattr(reward, "source", None)  # e.g. the scoring service's URL
             try:
                 raw = reward(images, prompts, metadata)
             except RewardError:
                 raise
             except Exception as e:  # a user's reward may raise anything: name it and the batch
-                raise RewardError(f"reward {term_name!r} raised on batch {batch}: {type(e).__name__}: {e}") from e
-            scores = validate_scores(raw, len(prompts), term_name, batch)
+                raise RewardError(f"reward {term_name!r}{f' ({source})' if source else ''} raised on batch {batch}: "
+                                  f"{type(e).__name__}: {e}") from e
+            scores = validate_scores(raw, len(prompts), term_name, batch, source)
             info[term_name] = scores
             for k, v in _split_info(raw).items():
                 info[f"{term_name}/{k}"] = v
