@@ -39,7 +39,9 @@ def main() -> None:
     from diffalign.sampling import decode_latents, predict_x0_eps, sample_trajectories
 
     pipe = load_pipeline("toy")
-    reward = build_reward([{"name": "toy", "args": {"mode": "partial"}}])
+    from diffalign.config import RewardTerm
+
+    reward = build_reward([RewardTerm(name="toy", args={"mode": "partial"})])
     prompts = resolve_prompts("hard_counting")
     batch = [prompts[i % len(prompts)] for i in range(args.n)]
     traj = sample_trajectories(pipe, batch, args.steps, 4.0, 1.0, generator=torch.Generator().manual_seed(0))
