@@ -127,3 +127,14 @@ def test_stored_log_probs_are_reproduced_when_rescored(tiny_pipe):
                                        prev_sample=traj.latents[:, k + 1])
     torch.testing.assert_close(lp, traj.log_probs[:, k], rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(lp.sum()))
+
+
+def test_bf16_weights_give_finite_trajectories(tiny_pipe_dir):
+    """The DDIM step's arithmetic runs in fp32: with bf16 schedule values the last step was 0/0 (NaN images)."""
+    from diffalign.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipe_dir), dtype=torch.bfloat16)
+    traj = sample_trajectories(pipe, ["one red circle", "two blue squares"], num_steps=4, guidance_scale=3.0,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(traj.images).all() and torch.isfinite(traj.log_probs).all()
+    assert traj.latents.dtype == torch.bfloat16  # the trajectory keeps the model's precision

@@ -109,6 +109,11 @@ def ddim_step_with_logprob(
         )
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    # The arithmetic runs in fp32 whatever the weights' precision: in bf16, abar near 1 at the last step rounds
+    # to 1 and the variance becomes 0/0 (NaN images), while the stock scheduler works on fp32 schedule values.
+    out_dtype = sample.dtype
+    model_output, sample = model_output.float(), sample.float()
+    prev_sample = None if prev_sample is None else prev_sample.float()
     abar_t, abar_prev = alphas_at(scheduler, timestep)
     x0, eps = predict_x0_eps(scheduler, model_output, timestep, sample, abar_t)
     abar_t, abar_prev = _bcast(abar_t, sample), _bcast(abar_prev, sample)
@@ -119,7 +124,7 @@ def ddim_step_with_logprob(
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev_sample = mean + std * noise
     log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
-    return prev_sample.to(sample.dtype), log_prob
+    return prev_sample.to(out_dtype), log_prob
 
 
 @dataclass
