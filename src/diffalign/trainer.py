@@ -41,6 +41,8 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 
 from .algorithms import DDPO, Policy, Transition, build_algorithm
 from .config import RunConfig, dump_config
+from .guards import Guards
+from .modelcard import write_model_card
 from .pipeline import attach_lora, load_pipeline, lora_state_dict, save_lora
 from .prompts import resolve_prompts
 from .reliability import CheckpointError, fault_point, verify_checkpoint, write_manifest
@@ -75,6 +77,7 @@ class TrainResult:
     output_dir: Path
     lora_dir: Path
     history: list[dict]
+    stopped_by: str | None = None  # the guard alarm(s) that ended the run early
 
 
 class Trainer:
@@ -154,6 +157,9 @@ class Trainer:
         self.policy = Policy(self.unet, self.pipe.scheduler, cfg.sample.guidance_scale, cfg.sample.eta,
                              cfg.sample.log_prob_reduction, acc.autocast)
         self.state = TrainState()
+        # 4. Guards (guards.py): fixed-seed checks every guards.every epochs; built here so bad settings fail early.
+        trained = self.lora_params + [p for h in self.heads for p in h.parameters() if p.requires_grad]
+        self.guards = Guards(cfg, self.pipe, acc.unwrap_model(self.unet), trained, self.log) if cfg.guards.every else None
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -405,6 +411,8 @@ class Trainer:
         for k, v in info.items():
             if isinstance(v, float | int):
                 metrics[f"reward/{k}"] = float(v)
+        if self.guards is not None:
+            metrics.update(self.guards.check(epoch + 1, metrics))
         self.state.history.append(metrics)
         acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=epoch + 1)
         if cfg.log.image_every and (epoch + 1) % cfg.log.image_every == 0 and acc.is_main_process:
@@ -450,6 +458,9 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(traj=metrics.get("trajectories"), reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+            if self.guards is not None and self.guards.stopped:
+                self.log(f"stopped by guards after epoch {epoch + 1} (guards.action = {cfg.guards.action})")
+                break
             if cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0 and epoch + 1 < cfg.train.epochs:
                 self.save_checkpoint()
         if progress is not None:
@@ -464,12 +475,13 @@ class Trainer:
         if acc.is_main_process:
             save_lora(acc.unwrap_model(self.unet), lora_dir)
             dump_config(cfg, lora_dir / "diffalign_config.toml")
+            write_model_card(self.out, cfg)  # lora/README.md: what shaped this LoRA (modelcard.py)
             for name, module in self.algorithm.modules().items():
                 from safetensors.torch import save_file
                 save_file(acc.unwrap_model(module).state_dict(), str(self.out / f"{name}.safetensors"))
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(self.out, lora_dir, self.state.history)
+        return TrainResult(self.out, lora_dir, self.state.history, self.guards.stopped if self.guards else None)
 
 
 class _AlgorithmState:
