@@ -107,3 +107,26 @@ def test_guards_do_not_change_training_and_cost_nothing_before_their_first_check
     b = load_file(str(guarded.lora_dir / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "guard/diversity" in guarded.history[0] and "guard/diversity" not in plain.history[0]
+
+
+@pytest.mark.slow
+def test_guard_on_toy_success_stops_jpeg_reward_hacking(tmp_path):
+    """DDPO on JPEG compressibility at lr 1e-2 breaks the toy model's counting within 2 epochs (32 trajectories):
+    bench/reward_hacking.py measured toy success 0.25 -> 0.04 on these fixed seeds while the run only ever saw
+    the JPEG score. The held-out guard on toy success must trip at its first check and end the run there."""
+    messages = []
+    cfg = load_config("configs/ddpo_jpeg.toml", [
+        f'output_dir="{tmp_path / "run"}"', 'sample.prompts="hard_counting"', "train.learning_rate=1e-2",
+        "train.epochs=6", "sample.num_steps=10", "sample.batch_size=8", "sample.num_batches_per_epoch=2",
+        "log.progress=false", 'log.tracker="none"', "checkpoint.every=0",
+        "guards.every=2", "guards.num_prompts=3", "guards.samples_per_prompt=8", 'guards.action="stop"',
+        'guards.rewards=[{name="toy", args={mode="success"}, min_fraction=0.5}]'])
+    result = train(cfg, log=messages.append)
+    assert [h["epoch"] for h in result.history] == [1, 2]  # stopped at the first check, 4 epochs early
+    check = result.history[-1]
+    assert check["guard/toy_base"] >= 0.2 and check["guard/toy"] < 0.5 * check["guard/toy_base"]
+    assert result.stopped_by.startswith("guard 'reward:toy' tripped at epoch 2: ")
+    assert f"< limit {0.5 * check['guard/toy_base']:.4f} (base model {check['guard/toy_base']:.4f})" in result.stopped_by
+    assert any(m.startswith("warning: guard 'reward:toy' tripped") for m in messages)
+    card = (result.lora_dir / "README.md").read_text()
+    assert "guard 'reward:toy' tripped at epoch 2" in card and "ended early by its guards (stop)" in card

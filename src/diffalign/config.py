@@ -254,6 +254,16 @@ class GuardsConfig(_Section):
         return self
 
 
+class SafetyConfig(_Section):
+    filter: str | None = Field(
+        None, description="A filter built like a reward: a built-in name (e.g. 'toy_red_objects'), 'python' or "
+        "'http'; it scores how unsafe each sampled image is. Unset: no filter.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the filter.")
+    threshold: float = Field(0.5, description="An image is flagged when the filter's score is >= this.")
+    penalty: float = Field(0.0, ge=0, description="Subtracted from the reward of each flagged image, so that the "
+                           "model learns to avoid them (0: only count them, per epoch).")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -271,6 +281,7 @@ class RunConfig(BaseModel):
     hero: HEROConfig = Field(default_factory=HEROConfig)
     d3po: D3POConfig = Field(default_factory=D3POConfig)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
     @field_validator("output_dir")
     @classmethod

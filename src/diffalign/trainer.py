@@ -47,6 +47,7 @@ from .pipeline import attach_lora, load_pipeline, lora_state_dict, save_lora
 from .prompts import resolve_prompts
 from .reliability import CheckpointError, fault_point, verify_checkpoint, write_manifest
 from .rewards import RewardError, RewardPool, build_reward
+from .safety import with_safety
 from .sampling import Trajectories, sample_trajectories
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -139,6 +140,7 @@ class Trainer:
             raise ValueError(f"train.timesteps_per_call > 1 is implemented for DDPO's loss only, not "
                              f"{self.algorithm.name}: set it to 1")
         self.reward = reward if reward is not None else build_reward(cfg.reward.terms)
+        self.reward = with_safety(self.reward, cfg.safety)  # safety.py: flagged images counted and penalised
         self.prompts = resolve_prompts(cfg.sample.prompts, field="sample.prompts")
         # 3. Optimizer over the LoRA and the algorithm's heads; everything through accelerate.
         groups = [{"params": self.lora_params, "lr": cfg.train.learning_rate}] + self.algorithm.param_groups()
