@@ -215,6 +215,68 @@ class EvalConfig(_Section):
     seed: int = Field(1234, description="Seed of the evaluation noises (same before and after).")
 
 
+class GuardReward(_Section):
+    name: str = Field(description="A reward the run does not optimise, built like reward.terms (a built-in name, "
+                      "'python' or 'http'), e.g. 'toy' with args {mode = \"success\"} while training on JPEG.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of that reward.")
+    min_fraction: float | None = Field(
+        None, gt=0, le=1, description="Trip when the tuned model's mean score falls below this fraction of the base "
+        "model's (for scores that are positive, like a success rate).")
+    max_drop: float | None = Field(
+        None, gt=0, description="Trip when the mean score falls more than this below the base model's (any sign).")
+
+    @model_validator(mode="after")
+    def _has_limit(self) -> GuardReward:
+        if self.min_fraction is None and self.max_drop is None:
+            raise ValueError(f"guard reward {self.name!r} has no limit: set min_fraction (e.g. 0.5) or max_drop")
+        return self
+
+
+class GuardsConfig(_Section):
+    every: int = Field(5, ge=0, description="Check the guards every N epochs (0: never), on fixed seeds.")
+    prompts: str | list[str] | None = Field(
+        None, description="Prompts of the checks (name, path or list); unset: sample.prompts.")
+    num_prompts: int = Field(2, ge=1, description="At most this many of those prompts (evenly spaced), to keep "
+                             "checks cheap.")
+    samples_per_prompt: int = Field(8, ge=2, description="Images per prompt per check (Vendi is per prompt, so >= 2; "
+                                    "8 or more to mean something).")
+    seed: int = Field(4321, description="Seed of the checks' noises: the same for the base and every check.")
+    drift_max: float | None = Field(
+        None, gt=0, le=1, description="Trip when the RMS pixel drift from the base model (same noise) exceeds this "
+        "(unset: no drift limit; the demo ends at ~0.08, bench/RESULTS.md).")
+    diversity_min_fraction: float | None = Field(
+        0.5, gt=0, le=1, description="Trip when the Vendi diversity per prompt falls below this fraction of the base "
+        "model's (unset: no diversity limit).")
+    rewards: list[GuardReward] = Field(default_factory=list, description="Held-out guard rewards and their limits.")
+    action: Literal["warn", "stop", "rollback"] = Field(
+        "warn", description="On a tripped guard: warn (log and go on), stop (end the run, saving the LoRA as it is), "
+        "or rollback (end the run with the LoRA of the best check so far at which no guard tripped, by best_by).")
+    best_by: str = Field(
+        "reward_mean", description="What 'best' means for rollback: 'reward_mean' (the optimised reward, mean over "
+        "that epoch's samples) or the name of a guard reward (its mean on the check's images).")
+
+    @model_validator(mode="after")
+    def _best_by_known(self) -> GuardsConfig:
+        names = [r.name for r in self.rewards]
+        if len(set(names)) < len(names):
+            raise ValueError(f"guards.rewards: each guard reward needs its own name (got {names}); to guard two "
+                             f"modes of one reward, wrap one in a 'python' reward")
+        if self.best_by != "reward_mean" and self.best_by not in names:
+            raise ValueError(f"guards.best_by {self.best_by!r} is neither 'reward_mean' nor a guard reward "
+                             f"({names or 'none configured'}): set one of those")
+        return self
+
+
+class SafetyConfig(_Section):
+    filter: str | None = Field(
+        None, description="A filter built like a reward: a built-in name (e.g. 'toy_red_objects'), 'python' or "
+        "'http'; it scores how unsafe each sampled image is. Unset: no filter.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the filter.")
+    threshold: float = Field(0.5, description="An image is flagged when the filter's score is >= this.")
+    penalty: float = Field(0.0, ge=0, description="Subtracted from the reward of each flagged image, so that the "
+                           "model learns to avoid them (0: only count them, per epoch).")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -231,6 +293,8 @@ class RunConfig(BaseModel):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     hero: HEROConfig = Field(default_factory=HEROConfig)
     d3po: D3POConfig = Field(default_factory=D3POConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
     @field_validator("output_dir")
     @classmethod

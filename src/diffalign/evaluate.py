@@ -26,14 +26,15 @@ class EvalImages:
 
 
 def generate(pipe, prompts: list[str], samples_per_prompt: int, seed: int, num_steps: int, guidance_scale: float,
-             eta: float, batch_size: int = 16) -> EvalImages:
-    """``samples_per_prompt`` images of every prompt from seed-determined noises."""
+             eta: float, batch_size: int = 16, unet=None) -> EvalImages:
+    """``samples_per_prompt`` images of every prompt from seed-determined noises (with ``unet`` if given, else
+    the pipeline's)."""
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     images = []
     for b, start in enumerate(range(0, len(expanded), batch_size)):
         chunk = expanded[start:start + batch_size]
         gen = torch.Generator().manual_seed(seed * 100_003 + b)
-        traj = sample_trajectories(pipe, chunk, num_steps, guidance_scale, eta, generator=gen)
+        traj = sample_trajectories(pipe, chunk, num_steps, guidance_scale, eta, generator=gen, unet=unet)
         images.append(to_uint8_images(traj.images))
     return EvalImages(expanded, np.concatenate(images))
 
@@ -100,4 +101,7 @@ def evaluate_run(run_dir: str | Path, write: bool = True) -> dict:
         images = result["_images"]
         np.savez_compressed(run_dir / "eval_images.npz", base=images["base"].images, tuned=images["tuned"].images,
                             prompts=np.array(images["base"].prompts))
+        from .modelcard import write_model_card
+
+        write_model_card(run_dir, cfg)  # the card gains the before/after table
     return result

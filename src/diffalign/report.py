@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .guards import guards_html
+
 
 def _png(fig_or_array) -> str:
     buf = io.BytesIO()
@@ -80,6 +82,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         last = history[-1]
         parts.append(f"<p>{last.get('epoch')} epochs, {last.get('trajectories')} trajectories, "
                      f"{last.get('optimizer_steps')} optimizer steps.</p>")
+        parts.append(guards_html(history))  # empty when the run had no guard checks
     if (run_dir / "eval_images.npz").exists():
         data = np.load(run_dir / "eval_images.npz")
         prompts = [str(p) for p in data["prompts"]]

@@ -41,10 +41,13 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 
 from .algorithms import DDPO, Policy, Transition, build_algorithm
 from .config import RunConfig, dump_config, redacted_dump
+from .guards import Guards
+from .modelcard import write_model_card
 from .pipeline import attach_lora, load_pipeline, lora_state_dict, save_lora
 from .prompts import resolve_prompts
 from .reliability import CheckpointError, fault_point, verify_checkpoint, write_manifest
 from .rewards import RewardError, RewardPool, build_reward
+from .safety import with_safety
 from .sampling import Trajectories, sample_trajectories
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -75,6 +78,7 @@ class TrainResult:
     output_dir: Path
     lora_dir: Path
     history: list[dict]
+    stopped_by: str | None = None  # the guard alarm(s) that ended the run early
 
 
 class Trainer:
@@ -136,6 +140,7 @@ class Trainer:
             raise ValueError(f"train.timesteps_per_call > 1 is implemented for DDPO's loss only, not "
                              f"{self.algorithm.name}: set it to 1")
         self.reward = reward if reward is not None else build_reward(cfg.reward.terms)
+        self.reward = with_safety(self.reward, cfg.safety)  # safety.py: flagged images counted and penalised
         self.prompts = resolve_prompts(cfg.sample.prompts, field="sample.prompts")
         # 3. Optimizer over the LoRA and the algorithm's heads; everything through accelerate.
         groups = [{"params": self.lora_params, "lr": cfg.train.learning_rate}] + self.algorithm.param_groups()
@@ -154,6 +159,9 @@ class Trainer:
         self.policy = Policy(self.unet, self.pipe.scheduler, cfg.sample.guidance_scale, cfg.sample.eta,
                              cfg.sample.log_prob_reduction, acc.autocast)
         self.state = TrainState()
+        # 4. Guards (guards.py): fixed-seed checks every guards.every epochs; built here so bad settings fail early.
+        trained = self.lora_params + [p for h in self.heads for p in h.parameters() if p.requires_grad]
+        self.guards = Guards(cfg, self.pipe, acc.unwrap_model(self.unet), trained, self.log) if cfg.guards.every else None
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -412,6 +420,8 @@ class Trainer:
         for k, v in info.items():
             if isinstance(v, float | int):
                 metrics[f"reward/{k}"] = float(v)
+        if self.guards is not None:
+            metrics.update(self.guards.check(epoch + 1, metrics))
         if cfg.log.image_every and (epoch + 1) % cfg.log.image_every == 0 and acc.is_main_process:
             self._log_images(traj, epoch + 1)
         return self._record(metrics)
@@ -467,6 +477,9 @@ class Trainer:
                     progress.update(1)
                     progress.set_postfix(traj=metrics.get("trajectories"),
                                          reward=f"{metrics.get('reward_mean', float('nan')):.3f}")
+                if self.guards is not None and self.guards.stopped:
+                    self.log(f"stopped by guards after epoch {epoch + 1} (guards.action = {cfg.guards.action})")
+                    break
                 # Nothing trained yet (every batch skipped): no checkpoint to resume an untrained LoRA from.
                 if (cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0 and epoch + 1 < cfg.train.epochs
                         and self.state.optimizer_steps > 0):
@@ -491,12 +504,13 @@ class Trainer:
         if acc.is_main_process:
             save_lora(acc.unwrap_model(self.unet), lora_dir)
             dump_config(cfg, lora_dir / "diffalign_config.toml")
+            write_model_card(self.out, cfg)  # lora/README.md: what shaped this LoRA (modelcard.py)
             for name, module in self.algorithm.modules().items():
                 from safetensors.torch import save_file
                 save_file(acc.unwrap_model(module).state_dict(), str(self.out / f"{name}.safetensors"))
         acc.wait_for_everyone()
         acc.end_training()
-        return TrainResult(self.out, lora_dir, self.state.history)
+        return TrainResult(self.out, lora_dir, self.state.history, self.guards.stopped if self.guards else None)
 
 
 class _AlgorithmState:
