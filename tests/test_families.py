@@ -41,7 +41,7 @@ def _initial_lora(pipe_dir, cfg):
 
 
 def _assert_lora_trained(pipe_dir, cfg, lora_dir):
-    saved = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    saved = {k.removeprefix("unet."): v for k, v in load_file(str(lora_dir / "pytorch_lora_weights.safetensors")).items()}
     initial = _initial_lora(pipe_dir, cfg)
     assert saved.keys() == initial.keys() and saved
     assert all(torch.isfinite(v).all() for v in saved.values())
@@ -63,6 +63,13 @@ def test_sdxl_loads_as_its_family(sdxl_dir):
     assert isinstance(family, StableDiffusionXLFamily)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert not any(p.requires_grad for m in family.frozen_modules() + [family.denoiser] for p in m.parameters())
+    # SDXL checkpoints ship an EulerDiscreteScheduler, whose config has no clip_sample: the DDIM made from it
+    # must not inherit DDIM's default clip_sample=True (it would clip the latent x0 to [-1, 1]).
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1)
+    family.prepare("sdxl")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.3])

@@ -42,7 +42,9 @@ class StableDiffusionFamily(Family):
                 f"set clip_sample=false in scheduler/scheduler_config.json"
             )
         if not isinstance(pipe.scheduler, DDIMScheduler):  # DDIM(eta) is the step with a log-probability
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            # clip_sample=False explicitly: a config without the key (EulerDiscreteScheduler's) would otherwise give
+            # DDIM's default True, clipping x0 (the pitfall above; True was refused above).
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         super().prepare(model_id)
 
     def frozen_modules(self):
