@@ -1,10 +1,11 @@
-"""Load a Stable-Diffusion-family diffusers pipeline and attach a LoRA to its UNet with peft.
+"""Load a diffusers pipeline of a supported family and attach a LoRA to its denoiser with peft.
 
-``load_pipeline("toy")`` loads the tiny pipeline shipped inside the package; anything else is passed to
-``StableDiffusionPipeline.from_pretrained`` (a hub id or a local directory in diffusers layout), the same
-code path for both. The VAE and the text encoder stay frozen; only the LoRA trains.
+``load_pipeline("toy")`` loads the tiny pipeline shipped inside the package; anything else (a hub id or a
+local directory in diffusers layout, the same code path for both) is loaded with the pipeline class its
+``model_index.json`` names, if a family in ``families/`` drives it. The VAE and the text encoders stay
+frozen; only the LoRA trains.
 
-The LoRA is saved with ``StableDiffusionPipeline.save_lora_weights`` so that stock
+The LoRA is saved with the family pipeline's ``save_lora_weights`` so that stock
 ``pipe.load_lora_weights(directory)`` applies it (tested).
 """
 
@@ -35,9 +36,9 @@ def resolve_model(model_id: str) -> str:
 
 
 def load_pipeline(model_id: str = "toy", revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """A ``StableDiffusionPipeline`` from 'toy', a local directory or a hub id, safety checker off."""
-    from diffusers import StableDiffusionPipeline
-
+    """A pipeline of a supported family (families/) from 'toy', a local directory or a hub id, safety checker
+    off, set up for training by its family (stochastic scheduler, frozen parts). The pipeline class comes from
+    ``model_index.json``; a class no family drives is refused here, naming it and the supported ones."""
     source = resolve_model(model_id)
     local = Path(source)
     looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -46,12 +47,11 @@ def load_pipeline(model_id: str = "toy", revision: str | None = None, dtype: tor
             f"model.id {model_id!r}: {local} is not a diffusers pipeline directory (no model_index.json); "
             f"give a directory saved with save_pretrained, a hub id like 'org/name', or 'toy'"
         )
-    if looks_local:
-        _check_components(local, model_id)
+    index = _check_components(local, model_id) if looks_local else _hub_index(source, revision, model_id)
+    family_cls = _family_of_index(index, model_id)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
-        )
+        pipe = family_cls.pipeline_class().from_pretrained(source, revision=revision, torch_dtype=dtype,
+                                                           **family_cls.load_kwargs)
     except OSError as e:
         if looks_local:  # the directory is there, so a file in it is unreadable, not a hub problem
             raise ModelLoadError(
@@ -67,24 +67,37 @@ def load_pipeline(model_id: str = "toy", revision: str | None = None, dtype: tor
             f"could not load model.id {model_id!r}: {type(e).__name__}: {str(e)[:300]}. Its files look damaged: "
             f"re-save the pipeline with save_pretrained (or copy it again), or point model.id at a good copy."
         ) from None
-    if getattr(pipe.scheduler.config, "clip_sample", False):
-        # Latent diffusion must not clip x0 to [-1, 1] (shared/README.md: it erases colour); SD's own
-        # scheduler configs set clip_sample=False, so a True here comes from a DDPM default.
-        raise ModelLoadError(
-            f"{model_id}: scheduler has clip_sample=True, which destroys latent information; "
-            f"set clip_sample=false in scheduler/scheduler_config.json"
-        )
-    from diffusers import DDIMScheduler
-
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
+    family_cls(pipe).prepare(model_id)
     return pipe
 
 
-def _check_components(directory: Path, model_id: str) -> None:
+def _family_of_index(index: dict, model_id: str):
+    from .families import family_class, supported_classes
+
+    name = index.get("_class_name")
+    family_cls = family_class(name) if isinstance(name, str) else None
+    if family_cls is None:
+        raise ModelLoadError(
+            f"model.id {model_id!r} is a {name} (model_index.json's _class_name), which diffalign does not "
+            f"support yet; supported pipelines: {', '.join(supported_classes())}. See docs/families.md."
+        )
+    return family_cls
+
+
+def _hub_index(source: str, revision: str | None, model_id: str) -> dict:
+    """model_index.json of a hub id (one small file; the weights download only once the class is known)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(source, revision=revision))
+    except Exception as e:  # offline without a cache, unknown repo, gated repo
+        raise ModelLoadError(
+            f"could not load model.id {model_id!r}: {e}. A hub id needs network access or a filled cache "
+            f"(HF_HUB_OFFLINE=1 uses the cache only); a local path must hold a diffusers pipeline."
+        ) from None
+
+
+def _check_components(directory: Path, model_id: str) -> dict:
     """Name a missing or unreadable part of a local pipeline before diffusers fails on it vaguely."""
     import json
 
@@ -93,6 +106,9 @@ def _check_components(directory: Path, model_id: str) -> None:
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"model.id {model_id!r}: {directory / 'model_index.json'} is not valid JSON ({e}); "
                              f"re-save the pipeline with save_pretrained") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"model.id {model_id!r}: {directory / 'model_index.json'} is not a JSON object; "
+                             f"re-save the pipeline with save_pretrained")
     optional = {"safety_checker", "feature_extractor", "image_encoder"}
     for name, value in index.items():
         if name.startswith("_") or name in optional or not isinstance(value, list) or value[0] is None:
@@ -100,18 +116,21 @@ def _check_components(directory: Path, model_id: str) -> None:
         if not (directory / name).is_dir():
             raise ModelLoadError(f"model.id {model_id!r}: component {name!r} is listed in model_index.json but "
                                  f"{directory / name} is missing; copy the whole pipeline directory")
+    return index
 
 
 def attach_lora(unet, rank: int = 4, alpha: float = 4.0, target_modules: list[str] | None = None,
                 adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """Add a LoRA adapter to the UNet (diffusers' peft integration); returns its trainable parameters."""
+    """Add a LoRA adapter to the denoiser (a UNet or a transformer, diffusers' peft integration); returns its
+    trainable parameters."""
     from peft import LoraConfig
 
     targets = target_modules or ["to_q", "to_k", "to_v", "to_out.0"]
     names = {n for n, _ in unet.named_modules()}
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(f"model.lora_target_modules: {missing} match no module of the UNet (e.g. to_q, to_k, to_v, to_out.0)")
+        raise ValueError(f"model.lora_target_modules: {missing} match no module of the {type(unet).__name__} "
+                         f"(e.g. to_q, to_k, to_v, to_out.0)")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets),
                      adapter_name=adapter_name)
@@ -122,21 +141,17 @@ def attach_lora(unet, rank: int = 4, alpha: float = 4.0, target_modules: list[st
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    from .families import Family
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return Family(None).lora_state_dict(unet)
 
 
-def save_lora(unet, directory: str | Path) -> Path:
-    """Write the LoRA in diffusers format: ``pipe.load_lora_weights(directory)`` applies it."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(unet, directory: str | Path, family=None) -> Path:
+    """Write the LoRA in diffusers format with the family pipeline's ``save_lora_weights`` (Stable Diffusion's
+    by default): the stock ``pipe.load_lora_weights(directory)`` applies it."""
+    from .families import StableDiffusionFamily
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=lora_state_dict(unet),
-                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
-    return directory
+    return (family or StableDiffusionFamily(None)).save_lora(unet, directory)
 
 
 def set_lora_enabled(unet, enabled: bool) -> None:

@@ -142,6 +142,15 @@ class Trajectories:
     negative_embeds: torch.Tensor | None  # (B, L, E) unconditional embeddings, None without CFG
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
     metadata: list[dict] = field(default_factory=list)
+    # The family's extra conditioning (SDXL's pooled embeddings and time_ids), each (B, ...): see families/base.py.
+    extra_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def conditioning(self, rows=None):
+        """The denoiser's conditioning (families.Conditioning) of all trajectories, or of ``rows``."""
+        from .families import Conditioning
+
+        cond = Conditioning(self.prompt_embeds, self.negative_embeds, self.extra_cond)
+        return cond if rows is None else cond.index(rows)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -160,6 +169,7 @@ class Trajectories:
             negative_embeds=None if self.negative_embeds is None else self.negative_embeds[idx],
             images=None if self.images is None else self.images[idx],
             metadata=[self.metadata[i] for i in pick] if self.metadata else [],
+            extra_cond={k: v[idx] for k, v in self.extra_cond.items()},
         )
 
     @staticmethod
@@ -176,6 +186,7 @@ class Trajectories:
             # Undecoded parts (decode=False) make the whole batch undecoded rather than half of it.
             images=None if any(t.images is None for t in parts) else torch.cat([t.images for t in parts]),
             metadata=[m for t in parts for m in t.metadata],
+            extra_cond={k: torch.cat([t.extra_cond[k] for t in parts]) for k in first.extra_cond},
         )
 
 
@@ -225,32 +236,36 @@ def sample_trajectories(
     reduction: str = "mean",
     decode: bool = True,
     unet=None,
+    family=None,
 ) -> Trajectories:
-    """Sample one trajectory per prompt with the pipeline's UNet (or ``unet``) and DDIM(eta).
+    """Sample one trajectory per prompt with the pipeline's denoiser (or ``unet``) and its family's stochastic
+    step (DDIM(eta) for SD and SDXL).
 
     ``initial_noise`` (B, C, h, w) starts the chains from given noises (HERO re-uses preferred noises);
     otherwise it is drawn from ``generator`` exactly as the stock pipeline draws it, so that the same
     generator gives the same images as ``pipe(prompts, eta=eta, generator=generator)``. A list of B
-    generators gives every trajectory its own random stream (what the trainer uses).
+    generators gives every trajectory its own random stream (what the trainer uses). ``family`` defaults to
+    the pipeline's (families.family_for).
     """
-    unet = unet or pipe.unet
-    scheduler = pipe.scheduler
-    device, dtype = unet.device, unet.dtype
-    prompt_embeds, negative_embeds = encode_prompts(pipe, prompts, guidance_scale)
-    scheduler.set_timesteps(num_steps, device=device)
-    timesteps = scheduler.timesteps
-    b = len(prompts)
-    shape = (b, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if family is None:
+        from .families import family_for
+
+        family = family_for(pipe)
+    denoiser = unet or family.denoiser
+    device, dtype = denoiser.device, denoiser.dtype
+    cond = family.encode(prompts, guidance_scale)
+    timesteps = family.set_timesteps(num_steps, device)
+    shape = family.latent_shape(len(prompts))
     if initial_noise is None:
-        initial_noise = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        initial_noise = randn_tensor(shape, generator=generator, device=device, dtype=cond.prompt_embeds.dtype)
     elif tuple(initial_noise.shape) != shape:
         raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {shape}")
-    x = initial_noise.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+    x = family.initial_latents(initial_noise.to(device=device, dtype=dtype))
     latents, log_probs, eps_all, cond_all = [x], [], [], []
     for t in timesteps:
-        model_in = scheduler.scale_model_input(x, t)
-        eps, eps_cond = guided_and_conditional(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta=eta, generator=generator, reduction=reduction)
+        model_in = family.scheduler.scale_model_input(x, t)
+        eps, eps_cond = family.guided_and_conditional(denoiser, model_in, t, cond, guidance_scale)
+        x, log_prob = family.step(eps, t, x, eta=eta, generator=generator, reduction=reduction)
         latents.append(x)
         log_probs.append(log_prob)
         eps_all.append(eps)
@@ -260,7 +275,7 @@ def sample_trajectories(
         latents=torch.stack(latents, dim=1), timesteps=timesteps.clone(),
         log_probs=torch.stack(log_probs, dim=1), guided_eps=torch.stack(eps_all, dim=1),
         cond_eps=torch.stack(cond_all, dim=1),
-        prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
-        images=decode_latents(pipe, x) if decode else None,
-        metadata=[{} for _ in prompts],
+        prompt_embeds=cond.prompt_embeds, negative_embeds=cond.negative_embeds,
+        images=family.decode(x) if decode else None,
+        metadata=[{} for _ in prompts], extra_cond=cond.extra,
     )

@@ -41,6 +41,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 
 from .algorithms import DDPO, Policy, Transition, build_algorithm
 from .config import RunConfig, dump_config, redacted_dump
+from .families import family_for
 from .guards import Guards
 from .modelcard import write_model_card
 from .pipeline import attach_lora, load_pipeline, lora_state_dict, save_lora
@@ -112,27 +113,30 @@ class Trainer:
         self.log = log if acc.is_main_process else _quiet
         self.check_sync = os.environ.get("DIFFALIGN_CHECK_SYNC", "") not in ("", "0")
         torch.manual_seed(cfg.train.seed + self.rank)  # LoRA init uses the global RNG: same on every rank below
-        # 1. Model: the pipeline, frozen, with a LoRA on the UNet (same initial LoRA on every process).
+        # 1. Model: the pipeline, frozen, with a LoRA on the denoiser (same initial LoRA on every process). What
+        # differs between model families (SD, SDXL, ...) is behind self.family (families/base.py).
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model.id, cfg.model.revision)
+        self.family = family_for(self.pipe)
         self.pipe.to(acc.device)
         torch.manual_seed(cfg.train.seed)
-        self.lora_params = attach_lora(self.pipe.unet, cfg.model.lora_rank, cfg.model.lora_alpha,
+        denoiser = self.family.denoiser
+        self.lora_params = attach_lora(denoiser, cfg.model.lora_rank, cfg.model.lora_alpha,
                                        cfg.model.lora_target_modules)
         if cfg.model.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         if acc.device.type == "cpu":
             # oneDNN computes convolutions in NHWC; with NCHW weights every conv reorders its operands first.
             # channels_last made the toy UNet's sampling forward 1.17x faster here (bench/RESULTS.md, issue 8).
-            self.pipe.unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
         if cfg.model.compile:
             # Module.compile, not torch.compile(module): the module object, its parameter names and hooks stay
             # what peft, accelerate's wrappers and the LoRA checkpoints expect; sampling and training both use it.
-            self.pipe.unet.compile()
+            denoiser.compile()
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.model.mixed_precision)
         if weight_dtype is not None and acc.device.type != "cpu":
             # Frozen parts in half precision; the LoRA stays fp32 (accelerate autocasts the forward).
-            self.pipe.vae.to(dtype=weight_dtype)
-            self.pipe.text_encoder.to(dtype=weight_dtype)
+            for module in self.family.frozen_modules():
+                module.to(dtype=weight_dtype)
         # 2. Algorithm (its heads), reward, prompts.
         self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg, self.pipe)
         if cfg.train.timesteps_per_call > 1 and not isinstance(self.algorithm, DDPO):
@@ -150,14 +154,14 @@ class Trainer:
         if heads and acc.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError(f"{self.algorithm.name} trains a second network ({', '.join(head_names)}) and DeepSpeed "
                              f"takes one model per accelerator: use DDP (configs/accelerate/8gpu_ddp.yaml)")
-        prepared = acc.prepare(self.pipe.unet, optimizer, *heads)
+        prepared = acc.prepare(denoiser, optimizer, *heads)
         self.unet, self.optimizer, self.heads = prepared[0], prepared[1], list(prepared[2:])
         self.algorithm.bind_prepared(dict(zip(head_names, self.heads)))
         self.algorithm.bind_layout(self.rank, self.world)
         self._register_checkpoint_hooks()
         acc.register_for_checkpointing(_AlgorithmState(self.algorithm))
         self.policy = Policy(self.unet, self.pipe.scheduler, cfg.sample.guidance_scale, cfg.sample.eta,
-                             cfg.sample.log_prob_reduction, acc.autocast)
+                             cfg.sample.log_prob_reduction, acc.autocast, family=self.family)
         self.state = TrainState()
         # 4. Guards (guards.py): fixed-seed checks every guards.every epochs; built here so bad settings fail early.
         trained = self.lora_params + [p for h in self.heads for p in h.parameters() if p.requires_grad]
@@ -181,15 +185,11 @@ class Trainer:
                     break
 
         def load_hook(models, input_dir):
-            from diffusers.utils import convert_unet_state_dict_to_peft
-            from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             for i, m in enumerate(models):
                 if acc.unwrap_model(m) is base_unet:
-                    state = convert_unet_state_dict_to_peft(load_file(os.path.join(input_dir, "lora.safetensors")))
-                    state = {k.removeprefix("unet."): v for k, v in state.items()}
-                    result = set_peft_model_state_dict(base_unet, state, adapter_name="default")
+                    result = self.family.load_lora_state(base_unet, load_file(os.path.join(input_dir, "lora.safetensors")))
                     if getattr(result, "unexpected_keys", None):
                         raise RuntimeError(f"checkpoint {input_dir}: unexpected LoRA keys {result.unexpected_keys[:5]}")
                     models.pop(i)
@@ -280,7 +280,7 @@ class Trainer:
                 base_unet.eval()
                 traj = sample_trajectories(
                     self.pipe, prompts, cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta,
-                    generator=gens, reduction=cfg.sample.log_prob_reduction, unet=base_unet,
+                    generator=gens, reduction=cfg.sample.log_prob_reduction, unet=base_unet, family=self.family,
                 )
                 fault_point("sample")  # tests: a crash with sampled trajectories only in memory
                 pending.append((traj, pool.submit(traj.images, prompts, traj.metadata,
@@ -502,7 +502,7 @@ class Trainer:
         self.save_checkpoint()
         lora_dir = self.out / "lora"
         if acc.is_main_process:
-            save_lora(acc.unwrap_model(self.unet), lora_dir)
+            save_lora(acc.unwrap_model(self.unet), lora_dir, family=self.family)
             dump_config(cfg, lora_dir / "diffalign_config.toml")
             write_model_card(self.out, cfg)  # lora/README.md: what shaped this LoRA (modelcard.py)
             for name, module in self.algorithm.modules().items():
@@ -553,7 +553,7 @@ def _transition(traj: Trajectories, rows: torch.Tensor, k: torch.Tensor, device)
         old_log_prob=traj.log_probs[rows, k].to(device), old_eps=traj.guided_eps[rows, k].to(device),
         prompt_embeds=traj.prompt_embeds[rows].to(device),
         negative_embeds=None if traj.negative_embeds is None else traj.negative_embeds[rows].to(device),
-        sample_index=rows.to(device),
+        sample_index=rows.to(device), extra={name: v[rows].to(device) for name, v in traj.extra_cond.items()},
     )
 
 

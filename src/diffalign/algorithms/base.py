@@ -7,14 +7,14 @@ Algorithms differ only in these two functions and in any extra trainable heads (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..families import Conditioning, Family, StableDiffusionFamily
 from ..pipeline import set_lora_enabled
-from ..sampling import ddim_step_with_logprob, guided_noise_prediction
 
 
 @dataclass
@@ -30,27 +30,37 @@ class Transition:
     prompt_embeds: torch.Tensor  # (B, L, E)
     negative_embeds: torch.Tensor | None  # (B, L, E)
     sample_index: torch.Tensor  # (B,)  index into the epoch's (local) trajectories
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the family's extra conditioning, each (B, ...)
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return Conditioning(self.prompt_embeds, self.negative_embeds, self.extra)
 
 
 class Policy:
-    """The LoRA-adapted UNet seen as a policy over DDIM steps."""
+    """The LoRA-adapted denoiser seen as a policy over its family's stochastic steps (DDIM(eta) for SD/SDXL).
 
-    def __init__(self, unet, scheduler, guidance_scale: float, eta: float, reduction: str, autocast):
+    ``family`` defaults to Stable Diffusion's step on ``scheduler`` (what a bare UNet + scheduler is)."""
+
+    def __init__(self, unet, scheduler, guidance_scale: float, eta: float, reduction: str, autocast,
+                 family: Family | None = None):
         self.unet, self.scheduler = unet, scheduler
         self.guidance_scale, self.eta, self.reduction = guidance_scale, eta, reduction
         self.autocast = autocast
+        self.family = family if family is not None else StableDiffusionFamily.for_scheduler(scheduler)
 
-    def eps(self, latents, timesteps, prompt_embeds, negative_embeds) -> torch.Tensor:
+    def eps(self, latents, timesteps, prompt_embeds, negative_embeds=None, extra=None) -> torch.Tensor:
+        """The guided prediction (eps for SD; whatever the family's denoiser predicts), in fp32."""
+        cond = Conditioning(prompt_embeds, negative_embeds, extra or {})
         with self.autocast():
-            out = guided_noise_prediction(self.unet, latents, timesteps, prompt_embeds, negative_embeds,
-                                          self.guidance_scale)
+            out, _ = self.family.guided_and_conditional(self.unet, latents, timesteps, cond, self.guidance_scale)
         return out.float()
 
     def log_prob(self, tr: Transition) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p_theta(x_t' | x_t), eps_theta(x_t)) with gradients through the LoRA."""
-        eps = self.eps(tr.latents, tr.timesteps, tr.prompt_embeds, tr.negative_embeds)
-        _, log_prob = ddim_step_with_logprob(self.scheduler, eps, tr.timesteps, tr.latents, eta=self.eta,
-                                             prev_sample=tr.next_latents, reduction=self.reduction)
+        eps = self.eps(tr.latents, tr.timesteps, tr.prompt_embeds, tr.negative_embeds, tr.extra)
+        _, log_prob = self.family.step(eps, tr.timesteps, tr.latents, eta=self.eta, prev_sample=tr.next_latents,
+                                       reduction=self.reduction)
         return log_prob, eps
 
     @torch.no_grad()

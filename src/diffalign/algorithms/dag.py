@@ -37,10 +37,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..sampling import alphas_at, predict_x0_eps
+from ..families import family_for
+from ..sampling import alphas_at
 from .base import Algorithm, Policy, Transition
 from .ddpo import ppo_clipped_loss
-from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, backward_log_prob, load_forward_decoder
+from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, load_forward_decoder
 
 
 def db_residual(log_f, log_pf, log_pb, log_f_next):
@@ -67,8 +68,9 @@ class DAG(Algorithm):
         self.objective = objective
         self.name = f"dag-{objective}"
         self.pipe = pipe
-        self.flow = FlowNetwork(in_channels=pipe.unet.config.in_channels,
-                                cross_attention_dim=pipe.unet.config.cross_attention_dim)
+        self.family = family_for(pipe)  # x0_hat, the backward kernel, t' and the denoiser call of the model family
+        self.flow = FlowNetwork(in_channels=self.family.latent_shape(1)[1],
+                                cross_attention_dim=self.family.text_embed_dim)
         self.decoder = load_forward_decoder(self.dag.forward_decoder, pipe.vae.device)  # None: the VAE
         self.beta = 0.0
         self.step_offset: torch.Tensor | None = None  # b_k, running mean of the DB residual at step k
@@ -124,17 +126,16 @@ class DAG(Algorithm):
         i, k = tr.sample_index, tr.step_index
         dev = tr.latents.device
         num_steps = fl.shape[1]
-        scheduler = self.pipe.scheduler
         cond = tr.prompt_embeds
-        step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         inner = (k < num_steps - 1).nonzero().squeeze(1)  # rows whose x_t' is not the final image
         # One flow call over [x_t ; x_t' of inner rows]: half the cost of two calls, and DDP-safe.
         x = torch.cat([tr.latents, tr.next_latents[inner]])
-        t = torch.cat([tr.timesteps, (tr.timesteps[inner] - step).clamp(min=0)])
+        t = torch.cat([tr.timesteps, self.family.next_timestep(tr.timesteps[inner])])
         f = flow(x, t, torch.cat([cond, cond[inner]]))
         b = tr.latents.shape[0]
         if self.dag.forward_looking == "current":
-            r_all = self.current_forward_rewards(policy, fl, x, t, torch.cat([cond, cond[inner]]),
+            both = torch.cat([torch.arange(b, device=dev), inner])
+            r_all = self.current_forward_rewards(policy, fl, x, t, tr.conditioning.index(both),
                                                  torch.cat([i, i[inner]])).to(dev)  # (b + len(inner),)
             r_now, r_next = r_all[:b], r_all[b:]
         else:
@@ -150,8 +151,8 @@ class DAG(Algorithm):
         reference's forward-looking reward): one extra UNet pass per state, not cached (the model moves)."""
         unet = getattr(policy.unet, "module", policy.unet)
         with policy.autocast():
-            eps = unet(x, t, encoder_hidden_states=cond).sample.float()
-        x0, _ = predict_x0_eps(self.pipe.scheduler, eps, t, x.float())
+            eps = self.family.conditional(unet, x, t, cond).float()
+        x0 = self.family.x0_hat(eps, t, x.float())
         prompts = [fl.traj.prompts[r] for r in rows.tolist()]
         return fl.score_x0(x0, prompts)
 
@@ -162,7 +163,7 @@ class DAG(Algorithm):
         # LoRA parameter that expects a gradient).
         with torch.set_grad_enabled(torch.is_grad_enabled() and not warmup):
             log_pf, eps = policy.log_prob(tr)
-        log_pb = backward_log_prob(self.pipe.scheduler, tr.latents, tr.next_latents, tr.timesteps, reduction)
+        log_pb = self.family.backward_log_prob(tr.latents, tr.next_latents, tr.timesteps, reduction)
         flow = self._flow_module
         log_f, log_f_next = self.log_flows(tr, prepared, flow, policy)
         proximal = ((eps - tr.old_eps) ** 2).mean(dim=(1, 2, 3))  # (B,)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sampling import alphas_at, decode_latents, gaussian_log_prob, predict_x0_eps
+from ..sampling import alphas_at, decode_latents, gaussian_log_prob
 
 
 class FlowNetwork(nn.Module):
@@ -135,8 +135,11 @@ class ForwardLookingRewards:
                  decoder=None):
         if source not in ("conditional", "guided"):
             raise ValueError(f"forward-looking source {source!r}: cached rewards use 'conditional' or 'guided'")
+        from ..families import family_for
+
         self.pipe, self.traj, self.reward, self.source = pipe, trajectories, reward, source
         self.decoder = decoder  # None: the pipeline's VAE
+        self.family = family_for(pipe)
         self.batch_size, self.tag = batch_size, tag
         self.values = torch.full((trajectories.latents.shape[0], trajectories.num_steps), float("nan"))
         self.decoded = 0  # states decoded and scored so far (the cost counter)
@@ -162,10 +165,10 @@ class ForwardLookingRewards:
 
     @torch.no_grad()
     def _score(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        traj, pipe = self.traj, self.pipe
+        traj = self.traj
         x = traj.latents[rows, steps]
         eps = (traj.cond_eps if self.source == "conditional" else traj.guided_eps)[rows, steps].to(x.dtype)
-        x0, _ = predict_x0_eps(pipe.scheduler, eps, traj.timesteps[steps], x)
+        x0 = self.family.x0_hat(eps, traj.timesteps[steps], x)
         prompts = [traj.prompts[r] for r in rows.tolist()]
         scores = []
         for start in range(0, len(rows), self.batch_size):
@@ -176,7 +179,9 @@ class ForwardLookingRewards:
     @torch.no_grad()
     def score_x0(self, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """r(decode(x0), c) for a batch of predicted clean latents."""
-        images = decode_latents(self.pipe, x0.to(self.pipe.vae.device), vae=self.decoder)
+        x0 = x0.to(self.pipe.vae.device)
+        # A small decoder (dag.forward_decoder) takes the denoiser's latents as they are; else the family's decode.
+        images = self.family.decode(x0) if self.decoder is None else decode_latents(self.pipe, x0, vae=self.decoder)
         total, _ = self.reward(images, prompts, [{} for _ in prompts], batch=f"{self.tag}forward-looking {self._calls}")
         self._calls += 1
         return torch.as_tensor(total, dtype=torch.float32)

@@ -82,27 +82,33 @@ class UNetFeatures:
     space. One noise pattern is shared by every image, so an image's features do not depend on its batch."""
 
     def __init__(self, pipe, block: str, timestep: int, seed: int = 0):
+        from ..families import family_for
+
         self.pipe, self.block, self.timestep = pipe, block, timestep
-        unet = pipe.unet
+        self.family = family_for(pipe)  # the denoiser, its conditioning and noising differ by model family
+        unet = self.family.denoiser
         try:
             self.module = unet.get_submodule(block)
         except AttributeError:
             names = [n for n, _ in unet.named_children()]
             raise ValueError(f"hero.feature_block = {block!r} is not a module of the UNet; use a dotted path "
                              f"such as 'up_blocks.1' (top-level modules: {', '.join(names)})") from None
-        steps = pipe.scheduler.config.num_train_timesteps
+        steps = self.family.feature_timestep_range()
         if not 0 <= timestep < steps:
             raise ValueError(f"hero.feature_timestep = {timestep} is outside the scheduler's 0..{steps - 1}")
-        c, size = unet.config.in_channels, unet.config.sample_size
-        self.noise = torch.randn((c, size, size), generator=torch.Generator().manual_seed(seed))
+        self.noise = torch.randn(self.family.latent_shape(1)[1:], generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, unet=None, chunk: int = 32) -> torch.Tensor:
-        """(B, C, h, w) latents and (1 or B, L, D) prompt embeddings -> (B, F) features, ``chunk`` images per UNet
-        call (a round with many unlabelled images would otherwise be one large call)."""
+    def __call__(self, latents: torch.Tensor, prompt_embeds, unet=None, chunk: int = 32) -> torch.Tensor:
+        """(B, C, h, w) latents and the conditioning of 1 or B prompts (a (1 or B, L, D) prompt-embedding tensor, or
+        a families.Conditioning with the family's extra conditioning) -> (B, F) features, ``chunk`` images per
+        denoiser call (a round with many unlabelled images would otherwise be one large call)."""
+        from ..families import Conditioning
         from ..pipeline import set_lora_enabled
 
-        unet = unet if unet is not None else self.pipe.unet
+        unet = unet if unet is not None else self.family.denoiser
+        cond = prompt_embeds if isinstance(prompt_embeds, Conditioning) else Conditioning(prompt_embeds)
+        cond = cond.conditional().to(latents.device, unet.dtype)
         captured = []
         hook = self.module.register_forward_hook(lambda module, args, out: captured.append(
             (out[0] if isinstance(out, tuple) else out).float().mean(dim=(2, 3)).cpu()))
@@ -111,12 +117,11 @@ class UNetFeatures:
             if has_lora:
                 set_lora_enabled(unet, False)
             t = torch.tensor([self.timestep], device=latents.device)
-            noisy = self.pipe.scheduler.add_noise(latents, self.noise.to(latents).expand_as(latents), t)
-            embeds = prompt_embeds.to(device=latents.device, dtype=unet.dtype)
+            noisy = self.family.noise_for_features(latents, self.noise.to(latents).expand_as(latents), t)
             for start in range(0, len(noisy), chunk):
                 part = noisy[start:start + chunk].to(unet.dtype)
-                cond = embeds[start:start + chunk] if len(embeds) > 1 else embeds.expand(len(part), -1, -1)
-                unet(part, t, encoder_hidden_states=cond)
+                rows = list(range(start, start + len(part))) if len(cond) > 1 else [0] * len(part)
+                self.family.conditional(unet, part, t, cond.index(rows))
         finally:
             hook.remove()
             if has_lora:

@@ -42,7 +42,7 @@ from ..algorithms.hero import HERO, RoundLabels, UNetFeatures
 from ..config import RunConfig, redacted_dump
 from ..prompts import resolve_prompts
 from ..rewards import to_uint8_images
-from ..sampling import Trajectories, encode_prompts, sample_trajectories
+from ..sampling import Trajectories, sample_trajectories
 from ..trainer import Trainer, _local_slice, epoch_generator, mean_over_processes
 from .store import FeedbackStore
 
@@ -194,19 +194,18 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
 
 
 def _build_hero(cfg: RunConfig, trainer: Trainer, prompts: list[str]) -> HERO:
-    unet = trainer.pipe.unet
+    family = trainer.family
+    shape = family.latent_shape(1)
     if cfg.hero.encoder == "latent-cnn":
-        return HERO(cfg.hero, unet.config.in_channels, seed=cfg.train.seed)
+        return HERO(cfg.hero, shape[1], seed=cfg.train.seed)
     features = UNetFeatures(trainer.pipe, cfg.hero.feature_block, cfg.hero.feature_timestep, seed=cfg.train.seed)
-    probe = torch.zeros((1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
-                        device=unet.device)
-    dim = features(probe, encode_prompts(trainer.pipe, prompts[:1], 1.0)[0]).shape[1]
+    probe = torch.zeros(shape, device=family.denoiser.device)
+    dim = features(probe, family.encode(prompts[:1], 1.0)).shape[1]
     return HERO(cfg.hero, seed=cfg.train.seed, feature_dim=dim, features=features)
 
 
 def _initial_noises(r: int, cfg: RunConfig, state: LoopState, trainer: Trainer, gen: torch.Generator) -> torch.Tensor:
-    fb, unet = cfg.feedback, trainer.pipe.unet
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    fb, shape = cfg.feedback, trainer.family.latent_shape(1)[1:]
     if fb.algorithm == "hero" and state.next_noises is not None:
         return state.next_noises
     if fb.algorithm == "d3po":
@@ -321,7 +320,7 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
 def _hero_inputs(hero: HERO, final_latents: torch.Tensor, traj: Trajectories, unet) -> torch.Tensor:
     """What HERO's encoder reads, on the CPU: the final latents, or the frozen UNet's features of them."""
     if hero.features is not None:
-        return hero.features(final_latents, traj.prompt_embeds[:1], unet=unet).cpu()
+        return hero.features(final_latents, traj.conditioning([0]), unet=unet).cpu()
     return final_latents.cpu()
 
 
@@ -334,8 +333,7 @@ def _unlabeled(cfg: RunConfig, trainer: Trainer, hero: HERO, prompt: str, inputs
     mean reward of the unlabelled images."""
     acc, world, rank = trainer.accelerator, trainer.world, trainer.rank
     n = cfg.hero.unlabeled_per_round
-    c, size = trainer.pipe.unet.config.in_channels, trainer.pipe.unet.config.sample_size
-    noises = torch.randn((n, c, size, size), generator=gen)  # fresh: the same on every process
+    noises = torch.randn(trainer.family.latent_shape(n), generator=gen)  # fresh: the same on every process
     mine = n // world
     # Undecoded: the embedding reads latents (or UNet features of them), never pixels.
     extra = sample_trajectories(trainer.pipe, [prompt] * mine, cfg.sample.num_steps, cfg.sample.guidance_scale,
@@ -388,6 +386,7 @@ def _gather_trajectories(acc, traj: Trajectories) -> Trajectories:
         prompt_embeds=_gather_tensor(acc, traj.prompt_embeds),
         negative_embeds=None if traj.negative_embeds is None else _gather_tensor(acc, traj.negative_embeds),
         images=_gather_tensor(acc, traj.images), metadata=[{} for _ in prompts],
+        extra_cond={k: _gather_tensor(acc, v) for k, v in traj.extra_cond.items()},
     )
 
 
