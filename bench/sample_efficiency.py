@@ -30,6 +30,11 @@ REWARDS = {
 }
 
 
+TRAIN_KEYS = ("epoch", "trajectories", "reward_mean", "reward_std", "time_sample", "time_train", "train/beta",
+              "train/db_residual_abs", "train/grad_norm", "train/grad_norm_flow", "train/grad_norm_joint",
+              "train/approx_kl", "train/clipfrac", "train/policy_loss", "train/db_loss")
+
+
 def make_config(reward: str, algorithm: str, seed: int, epochs: int, args, out_dir: Path):
     from diffalign.config import load_config
 
@@ -70,8 +75,10 @@ def run_one(reward: str, algorithm: str, seed: int, args) -> dict:
     base_imgs, base = measure(False)
     points = [{"trajectories": 0, **base, "drift": 0.0, "seconds": 0.0}]
     t0 = time.time()
+    epochs_log = []  # per-epoch training diagnostics: reward curve, |DB residual|, each module's gradient norm
     for epoch in range(epochs):
-        trainer.run_epoch(epoch)
+        m = trainer.run_epoch(epoch)
+        epochs_log.append({k: m[k] for k in TRAIN_KEYS if k in m})
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
             elapsed = time.time() - t0
             imgs, metrics = measure(True)
@@ -80,7 +87,7 @@ def run_one(reward: str, algorithm: str, seed: int, args) -> dict:
             print(f"  {reward:5s} {algorithm:7s} seed {seed} traj {(epoch + 1) * per_epoch:4d}: "
                   + " ".join(f"{k} {v:.3f}" for k, v in points[-1].items() if k != "trajectories"), flush=True)
     return {"reward": reward, "algorithm": algorithm + args.tag, "seed": seed, "points": points, "set": args.set,
-            "train_seconds": time.time() - t0}
+            "train_seconds": time.time() - t0, "epochs": epochs_log}
 
 
 def summarize(results: list[dict], budgets: list[int]) -> str:

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -137,7 +138,8 @@ def test_leave_one_out_advantages():
 
 def test_beta_annealing_is_linear_then_flat():
     betas = [annealed_beta(100.0, e, num_epochs=10, anneal_fraction=0.5) for e in range(10)]
-    assert betas[:5] == pytest.approx([20, 40, 60, 80, 100]) and betas[5:] == [100.0] * 5
+    # As the reference: 0 at the first epoch, the final value from the end of the ramp on.
+    assert betas[:6] == pytest.approx([0, 20, 40, 60, 80, 100]) and betas[5:] == [100.0] * 5
     assert annealed_beta(100.0, 0, 10, 0.0) == 100.0
 
 
@@ -215,3 +217,107 @@ def test_step_baseline_removes_a_per_step_constant_and_is_checkpointed(tiny_pipe
     restored.load_state_dict(algo.state_dict())
     torch.testing.assert_close(restored.step_offset, algo.step_offset)
     assert restored.step_seen.tolist() == algo.step_seen.tolist()
+
+
+# --- Issue 21: the reference's forward-looking prediction, per-module clipping, the flow's learning rate ---------
+
+def _brightness_of_x0(pipe, traj, eps, rows, steps):
+    from diffalign.sampling import decode_latents, predict_x0_eps
+
+    x = traj.latents[rows, steps]
+    x0, _ = predict_x0_eps(pipe.scheduler, eps[rows, steps], traj.timesteps[steps], x)
+    return torch.as_tensor(_mean_brightness(decode_latents(pipe, x0).permute(0, 2, 3, 1).numpy() * 255, None, None),
+                           dtype=torch.float32)
+
+
+def test_forward_looking_reward_reads_the_conditional_prediction_by_default(tiny_pipe):
+    traj = sample_trajectories(tiny_pipe, ["two red circles", "one blue square"], num_steps=4, guidance_scale=4.0,
+                               generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(traj.cond_eps, traj.guided_eps)  # with CFG the two predictions differ
+    rows, steps = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2])
+    default = ForwardLookingRewards(tiny_pipe, traj, REWARD)[rows, steps]
+    guided = ForwardLookingRewards(tiny_pipe, traj, REWARD, source="guided")[rows, steps]
+    torch.testing.assert_close(default, _brightness_of_x0(tiny_pipe, traj, traj.cond_eps, rows, steps),
+                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(guided, _brightness_of_x0(tiny_pipe, traj, traj.guided_eps, rows, steps),
+                               atol=2e-3, rtol=0)
+    assert _dag(tiny_pipe).dag.forward_looking == "conditional"
+
+
+def test_sampler_stores_the_conditional_half_of_the_cfg_call(tiny_pipe):
+    traj = sample_trajectories(tiny_pipe, ["one blue square"], num_steps=3, guidance_scale=4.0,
+                               generator=torch.Generator().manual_seed(0))
+    k = 1
+    with torch.no_grad():
+        cond = tiny_pipe.unet(traj.latents[:, k], traj.timesteps[k], encoder_hidden_states=traj.prompt_embeds).sample
+    torch.testing.assert_close(traj.cond_eps[:, k], cond, atol=1e-5, rtol=1e-4)
+
+
+def test_current_model_forward_looking_equals_the_sampling_models_before_any_update(tiny_pipe):
+    """forward_looking = "current" makes the reference's extra conditional pass; before the model moves it must
+    give what the sampling-time conditional prediction gives."""
+    policy = Policy(tiny_pipe.unet, tiny_pipe.scheduler, 4.0, 1.0, "mean", contextlib.nullcontext)
+    traj = sample_trajectories(tiny_pipe, ["two red circles", "one blue square"], num_steps=4, guidance_scale=4.0,
+                               generator=torch.Generator().manual_seed(5))
+    tr = _transitions(traj, 1)
+    flow = FlowNetwork(in_channels=4, cross_attention_dim=tiny_pipe.unet.config.cross_attention_dim)
+    out = {}
+    for mode in ("current", "conditional"):
+        algo = _dag(tiny_pipe, forward_looking=f'"{mode}"')
+        prepared = {"forward_reward": ForwardLookingRewards(tiny_pipe, traj, REWARD), "beta": 10.0,
+                    "terminal_reward": torch.zeros(2)}
+        out[mode] = algo.log_flows(tr, prepared, flow, policy)
+    for a, b in zip(out["current"], out["conditional"]):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=0)
+
+
+def _dag_trainer(tiny_pipe_dir, tmp_path, *extra):
+    from diffalign.trainer import Trainer
+
+    cfg = load_config(overrides=tiny_run_overrides(
+        tiny_pipe_dir, tmp_path, 'reward.terms=[{name="jpeg_compressibility"}]', 'train.algorithm="dag-kl"',
+        "train.learning_rate=2e-3", *extra))
+    return Trainer(cfg, log=lambda m: None)
+
+
+@pytest.mark.parametrize("mode", ["per_module", "joint"])
+def test_gradients_are_clipped_per_module_by_default(tiny_pipe_dir, tmp_path, mode):
+    trainer = _dag_trainer(tiny_pipe_dir, tmp_path, f'train.grad_clip="{mode}"', "train.max_grad_norm=1.0")
+    flow_params = list(trainer.heads[0].parameters())
+    for p in trainer.lora_params:
+        p.grad = torch.full_like(p, 1e-4)
+    for p in flow_params:
+        p.grad = torch.full_like(p, 1.0)  # a flow gradient far above the clip norm
+    lora_before = torch.cat([p.grad.flatten() for p in trainer.lora_params]).norm().item()
+    stats = trainer.clip_gradients()
+    lora_after = torch.cat([p.grad.flatten() for p in trainer.lora_params]).norm().item()
+    flow_after = torch.cat([p.grad.flatten() for p in flow_params]).norm().item()
+    assert stats["grad_norm"] == pytest.approx(lora_before, rel=1e-4)  # logged: the LoRA's own norm
+    assert stats["grad_norm_flow"] > 100
+    if mode == "per_module":
+        assert lora_after == pytest.approx(lora_before, rel=1e-5)  # the flow's size does not shrink the policy's step
+        assert flow_after == pytest.approx(1.0, rel=1e-3)
+    else:
+        assert lora_after < 0.02 * lora_before  # one norm over both: the policy's update scaled down
+        assert "grad_norm_joint" in stats
+
+
+def test_flow_learning_rate_defaults_to_the_policys(tiny_pipe_dir, tmp_path):
+    trainer = _dag_trainer(tiny_pipe_dir, tmp_path)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [2e-3, 2e-3]
+    trainer = _dag_trainer(tiny_pipe_dir, tmp_path / "b", "dag.flow_learning_rate=3e-4")
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [2e-3, 3e-4]
+
+
+def test_flow_warmup_trains_the_flow_only(tiny_pipe_dir, tmp_path):
+    trainer = _dag_trainer(tiny_pipe_dir, tmp_path, "dag.flow_warmup_epochs=1", "train.epochs=2",
+                           "dag.anneal_fraction=0.0")
+    lora0 = [p.detach().clone() for p in trainer.lora_params]
+    flow0 = [p.detach().clone() for p in trainer.heads[0].parameters()]
+    metrics = trainer.run_epoch(0)
+    assert metrics["train/warmup"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(lora0, trainer.lora_params))  # the policy did not move
+    assert any(not torch.equal(a, b) for a, b in zip(flow0, trainer.heads[0].parameters()))
+    metrics = trainer.run_epoch(1)
+    assert "train/warmup" not in metrics
+    assert any(not torch.equal(a, b) for a, b in zip(lora0, trainer.lora_params))

@@ -68,7 +68,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(4, ge=1, description="Trajectories per training minibatch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Minibatches accumulated per optimizer step.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (per module, see grad_clip).")
+    grad_clip: Literal["per_module", "joint"] = Field(
+        "per_module", description="per_module: the LoRA and each algorithm head (DAG's flow network) are clipped to "
+        "max_grad_norm on their own, as the DAG reference does; joint: one norm over all trained parameters (a large "
+        "flow gradient then scales the policy's update down).")
     num_inner_epochs: int = Field(1, ge=1, description="Passes over each epoch's samples.")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of each trajectory's steps trained.")
     timesteps_per_call: int = Field(
@@ -88,8 +92,20 @@ class DDPOConfig(_Section):
 
 class DAGConfig(_Section):
     reward_exp: float = Field(100.0, gt=0, description="Final beta: the target density is exp(beta * reward).")
-    anneal_fraction: float = Field(0.5, ge=0, le=1, description="beta rises linearly from 0 over this share of training.")
-    flow_learning_rate: float = Field(3e-4, gt=0, description="Learning rate of the flow network.")
+    anneal_fraction: float = Field(
+        0.5, ge=0, le=1, description="beta rises linearly from 0 (at the first epoch, as in the reference) to reward_exp "
+        "over this share of training.")
+    flow_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the flow network; unset: the policy's (train.learning_rate), as in "
+        "the reference.")
+    forward_looking: Literal["conditional", "guided", "current"] = Field(
+        "conditional", description="Which noise prediction x0_hat(x_t) of the forward-looking reward comes from: "
+        "conditional (the text-conditional, unguided prediction of the sampling model, computed inside the CFG call "
+        "at no extra cost), guided (the CFG prediction used for the step), or current (an extra conditional pass of "
+        "the model being trained, for x_t and x_t' of every trained transition, as the reference does).")
+    flow_warmup_epochs: int = Field(
+        0, ge=0, description="Epochs at the start that train only the flow network (the policy frozen): a critic "
+        "warm-up. They sample and count toward the trajectory budget like any epoch.")
     proximal_weight: float = Field(1.0, ge=0, description="Weight of the proximal term on the noise prediction.")
     klpf: float = Field(1.0, gt=0, description="DAG-KL: weight of the KL (policy) surrogate.")
     clip_range: float = Field(1e-4, gt=0, description="DAG-KL: PPO-style ratio clip range.")

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from .rewards import to_uint8_images
 
-
 # The toy world's background colour in [0, 1] (toy/scenes.py BACKGROUND): the fixed reference the pixel
 # embedding subtracts. Kept here as numbers so metrics does not import the toy world.
 REFERENCE_COLOUR = (242 / 255, 242 / 255, 236 / 255)

@@ -132,6 +132,7 @@ class Trajectories:
     timesteps: torch.Tensor  # (T,) the DDIM grid, shared by the batch
     log_probs: torch.Tensor  # (B, T)  log p(x_t' | x_t) at sampling time
     guided_eps: torch.Tensor  # (B, T, C, h, w)  the guided prediction used at sampling time
+    cond_eps: torch.Tensor  # (B, T, C, h, w)  its text-conditional, unguided half (= guided_eps without CFG)
     prompt_embeds: torch.Tensor  # (B, L, E)
     negative_embeds: torch.Tensor | None  # (B, L, E) unconditional embeddings, None without CFG
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
@@ -150,7 +151,7 @@ class Trajectories:
         return Trajectories(
             prompts=[self.prompts[i] for i in pick], initial_noise=self.initial_noise[idx],
             latents=self.latents[idx], timesteps=self.timesteps, log_probs=self.log_probs[idx],
-            guided_eps=self.guided_eps[idx], prompt_embeds=self.prompt_embeds[idx],
+            guided_eps=self.guided_eps[idx], cond_eps=self.cond_eps[idx], prompt_embeds=self.prompt_embeds[idx],
             negative_embeds=None if self.negative_embeds is None else self.negative_embeds[idx],
             images=None if self.images is None else self.images[idx],
             metadata=[self.metadata[i] for i in pick] if self.metadata else [],
@@ -164,6 +165,7 @@ class Trajectories:
             initial_noise=torch.cat([t.initial_noise for t in parts]),
             latents=torch.cat([t.latents for t in parts]), timesteps=first.timesteps,
             log_probs=torch.cat([t.log_probs for t in parts]), guided_eps=torch.cat([t.guided_eps for t in parts]),
+            cond_eps=torch.cat([t.cond_eps for t in parts]),
             prompt_embeds=torch.cat([t.prompt_embeds for t in parts]),
             negative_embeds=None if first.negative_embeds is None else torch.cat([t.negative_embeds for t in parts]),
             # Undecoded parts (decode=False) make the whole batch undecoded rather than half of it.
@@ -172,14 +174,22 @@ class Trajectories:
         )
 
 
-def guided_noise_prediction(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale: float):
-    """eps_u + w (eps_c - eps_u) with both halves in one batched UNet call, as the stock pipeline does."""
+def guided_and_conditional(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale: float):
+    """(eps_u + w (eps_c - eps_u), eps_c): the guided prediction and its text-conditional half, both halves in one
+    batched UNet call as the stock pipeline does. DAG's forward-looking reward reads x0_hat from eps_c (the
+    reference's choice: its x0_hat tracks the final image far better than the guided one's, bench/RESULTS.md)."""
     if negative_embeds is None:
-        return unet(latents, timestep, encoder_hidden_states=prompt_embeds).sample
+        out = unet(latents, timestep, encoder_hidden_states=prompt_embeds).sample
+        return out, out
     t = timestep.repeat(2) if torch.is_tensor(timestep) and timestep.ndim else timestep
     out = unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
     eps_uncond, eps_text = out.chunk(2)
-    return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+    return eps_uncond + guidance_scale * (eps_text - eps_uncond), eps_text
+
+
+def guided_noise_prediction(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale: float):
+    """eps_u + w (eps_c - eps_u) with both halves in one batched UNet call, as the stock pipeline does."""
+    return guided_and_conditional(unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)[0]
 
 
 def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -231,18 +241,20 @@ def sample_trajectories(
     elif tuple(initial_noise.shape) != shape:
         raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {shape}")
     x = initial_noise.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
-    latents, log_probs, eps_all = [x], [], []
+    latents, log_probs, eps_all, cond_all = [x], [], [], []
     for t in timesteps:
         model_in = scheduler.scale_model_input(x, t)
-        eps = guided_noise_prediction(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
+        eps, eps_cond = guided_and_conditional(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
         x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta=eta, generator=generator, reduction=reduction)
         latents.append(x)
         log_probs.append(log_prob)
         eps_all.append(eps)
+        cond_all.append(eps_cond)
     return Trajectories(
         prompts=list(prompts), initial_noise=initial_noise,
         latents=torch.stack(latents, dim=1), timesteps=timesteps.clone(),
         log_probs=torch.stack(log_probs, dim=1), guided_eps=torch.stack(eps_all, dim=1),
+        cond_eps=torch.stack(cond_all, dim=1),
         prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
         images=decode_latents(pipe, x) if decode else None,
         metadata=[{} for _ in prompts],

@@ -331,8 +331,7 @@ class Trainer:
                             f"learning rate or the reward scale")
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)  # None: DeepSpeed clips itself
-                        stats["grad_norm"] = float("nan") if norm is None else float(norm)
+                        stats.update(self.clip_gradients())
                         self.state.optimizer_steps += 1
                         fault_point("optimizer_step")  # tests: a crash between backward and the update
                     self.optimizer.step()
@@ -344,6 +343,24 @@ class Trainer:
                     counts[key] = counts.get(key, 0) + 1
         # Per key: grad_norm exists only on the calls that step the optimizer, the rest on every call.
         return {k: v / counts[k] for k, v in sums.items()}
+
+    def clip_gradients(self) -> dict:
+        """Clip to train.max_grad_norm, per module (the LoRA; each head on its own, as the DAG reference does) or
+        jointly; returns each module's norm before clipping (``grad_norm`` is the LoRA's)."""
+        cfg, acc = self.cfg, self.accelerator
+        groups = {"grad_norm": self.lora_params}
+        for name, head in zip(self.algorithm.modules(), self.heads):
+            groups[f"grad_norm_{name}"] = [p for p in head.parameters() if p.requires_grad]
+        everything = [p for ps in groups.values() for p in ps]
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips itself (and has no heads here)
+            acc.clip_grad_norm_(everything, cfg.train.max_grad_norm)
+            return {"grad_norm": float("nan")}
+        acc.unscale_gradients()  # once, before any norm is taken (a no-op without a gradient scaler)
+        if cfg.train.grad_clip == "joint" or len(groups) == 1:
+            norms = {k: _grad_norm(ps) for k, ps in groups.items()} if len(groups) > 1 else {}
+            total = torch.nn.utils.clip_grad_norm_(everything, cfg.train.max_grad_norm)
+            return {"grad_norm": float(total), **norms} | ({"grad_norm_joint": float(total)} if norms else {})
+        return {k: float(torch.nn.utils.clip_grad_norm_(ps, cfg.train.max_grad_norm)) for k, ps in groups.items()}
 
     def assert_in_sync(self, tensors: list[torch.Tensor], where: str) -> str:
         """Raise unless every process holds bit-identical ``tensors``; returns their digest (debugging aid)."""
@@ -497,6 +514,11 @@ def _transition(traj: Trajectories, rows: torch.Tensor, k: torch.Tensor, device)
         negative_embeds=None if traj.negative_embeds is None else traj.negative_embeds[rows].to(device),
         sample_index=rows.to(device),
     )
+
+
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def gather_objects(acc, obj) -> list:

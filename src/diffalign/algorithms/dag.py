@@ -18,6 +18,10 @@ gradient of KL(p_theta(. | x_t) || p_B F / F(x_t)) with a leave-one-out baseline
     A     = clip((delta - mean_{-i} delta) / std_{-i} delta, -A_max, A_max)
     L     = (log_f + sg(log_pf) - log_pb - log_f_next)^2 + klpf * PPO(A, rho) + lambda ||eps - eps_old||^2
 
+Forward-looking prediction (``dag.forward_looking``): x0_hat comes from the conditional, unguided prediction by
+default, as in the reference (see ``flow.py``). Critic warm-up (``dag.flow_warmup_epochs``): the first epochs
+train only the flow network, the policy's log-prob detached and no policy or proximal term.
+
 Per-step baseline (``dag.step_baseline``, our addition): log F gets a per-step constant B_k fitted in closed
 form, B_k - B_{k+1} = -b_k with b_k the running mean of the DB residual at step index k (gathered over
 processes), i.e. the minimiser of the squared loss over per-step constants. Without it the residual carries a
@@ -31,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..sampling import alphas_at
+from ..sampling import alphas_at, predict_x0_eps
 from .base import Algorithm, Policy, Transition
 from .ddpo import ppo_clipped_loss
 from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, backward_log_prob
@@ -92,18 +96,22 @@ class DAG(Algorithm):
         return {"flow": self.flow}
 
     def param_groups(self):
-        return [{"params": list(self.flow.parameters()), "lr": self.dag.flow_learning_rate}]
+        lr = self.dag.flow_learning_rate or self.cfg.train.learning_rate  # unset: the policy's, as the reference
+        return [{"params": list(self.flow.parameters()), "lr": lr}]
 
     def prepare(self, prompts, rewards, epoch, context):
         traj, rank, n = context["trajectories"], context["rank"], context["local_size"]
         self.beta = annealed_beta(self.dag.reward_exp, epoch, context["num_epochs"], self.dag.anneal_fraction)
         # Scored lazily, on first use by a trained transition (see ForwardLookingRewards).
-        fl = ForwardLookingRewards(self.pipe, traj, context["reward"], tag=f"{epoch}.")  # stands for (n, T)
+        # With forward_looking = "current" only its scorer is used (log_flows makes the model pass per transition).
+        source = "guided" if self.dag.forward_looking == "guided" else "conditional"
+        fl = ForwardLookingRewards(self.pipe, traj, context["reward"], tag=f"{epoch + 1}.", source=source)  # (n, T)
         terminal = rewards[rank * n:(rank + 1) * n].float()  # r(x_0) of this process's trajectories
         # Kept per process: these are (n, ...) tensors, not gathered ones (trainer slices only (n*world, ...)).
         return {"forward_reward": fl, "terminal_reward": terminal, "beta": self.beta}
 
-    def log_flows(self, tr: Transition, prepared: dict, flow: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_flows(self, tr: Transition, prepared: dict, flow: torch.nn.Module,
+                  policy: Policy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log F(x_t), log F(x_t')) for a minibatch of transitions."""
         beta = prepared["beta"]
         fl = prepared["forward_reward"]  # (n, T): a tensor or the lazy ForwardLookingRewards
@@ -119,21 +127,49 @@ class DAG(Algorithm):
         t = torch.cat([tr.timesteps, (tr.timesteps[inner] - step).clamp(min=0)])
         f = flow(x, t, torch.cat([cond, cond[inner]]))
         b = tr.latents.shape[0]
-        log_f = f[:b] + beta * fl[i, k].to(dev)
+        if self.dag.forward_looking == "current":
+            r_all = self.current_forward_rewards(policy, fl, x, t, torch.cat([cond, cond[inner]]),
+                                                 torch.cat([i, i[inner]])).to(dev)  # (b + len(inner),)
+            r_now, r_next = r_all[:b], r_all[b:]
+        else:
+            r_now, r_next = fl[i, k].to(dev), fl[i[inner], k[inner] + 1].to(dev)
+        log_f = f[:b] + beta * r_now
         terminal = beta * prepared["terminal_reward"].to(tr.latents.device)[i]
-        log_f_next = terminal.index_put((inner,), f[b:] + beta * fl[i[inner], k[inner] + 1].to(dev))
+        log_f_next = terminal.index_put((inner,), f[b:] + beta * r_next)
         return log_f, log_f_next
+
+    @torch.no_grad()
+    def current_forward_rewards(self, policy: Policy, fl, x, t, cond, rows) -> torch.Tensor:
+        """r(decode(x0_hat(x)), c) with x0_hat from the current model's conditional, unguided prediction (the
+        reference's forward-looking reward): one extra UNet pass per state, not cached (the model moves)."""
+        unet = getattr(policy.unet, "module", policy.unet)
+        with policy.autocast():
+            eps = unet(x, t, encoder_hidden_states=cond).sample.float()
+        x0, _ = predict_x0_eps(self.pipe.scheduler, eps, t, x.float())
+        prompts = [fl.traj.prompts[r] for r in rows.tolist()]
+        return fl.score_x0(x0, prompts)
 
     def loss(self, tr: Transition, policy: Policy, prepared: dict, epoch: int):
         reduction = policy.reduction
-        log_pf, eps = policy.log_prob(tr)
+        warmup = epoch < self.dag.flow_warmup_epochs
+        # In the critic warm-up the policy's pass runs without a graph: nothing reaches the LoRA (and DDP sees no
+        # LoRA parameter that expects a gradient).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not warmup):
+            log_pf, eps = policy.log_prob(tr)
         log_pb = backward_log_prob(self.pipe.scheduler, tr.latents, tr.next_latents, tr.timesteps, reduction)
         flow = self._flow_module
-        log_f, log_f_next = self.log_flows(tr, prepared, flow)
+        log_f, log_f_next = self.log_flows(tr, prepared, flow, policy)
         proximal = ((eps - tr.old_eps) ** 2).mean(dim=(1, 2, 3))  # (B,)
         stats = {"beta": prepared["beta"], "log_pf": log_pf.mean().item(), "log_pb": log_pb.mean().item(),
                  "log_flow": log_f.mean().item(), "proximal": proximal.mean().item()}
         num_steps = prepared["forward_reward"].shape[1]
+        if warmup:  # critic warm-up: the flow learns, the policy does not move
+            residual = db_residual(log_f, log_pf, log_pb, log_f_next)
+            if self.dag.step_baseline:
+                residual = self.center_by_step(residual, tr.step_index, num_steps)
+            flow_loss = (residual**2).mean()
+            stats.update(db_loss=flow_loss.item(), db_residual_abs=residual.abs().mean().item(), warmup=1.0)
+            return flow_loss, stats
         if self.objective == "db":
             residual = db_residual(log_f, log_pf, log_pb, log_f_next)
             if self.dag.step_baseline:

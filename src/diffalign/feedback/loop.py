@@ -410,6 +410,7 @@ def _gather_trajectories(acc, traj: Trajectories) -> Trajectories:
         prompts=prompts, initial_noise=_gather_tensor(acc, traj.initial_noise),
         latents=_gather_tensor(acc, traj.latents), timesteps=traj.timesteps,
         log_probs=_gather_tensor(acc, traj.log_probs), guided_eps=_gather_tensor(acc, traj.guided_eps),
+        cond_eps=_gather_tensor(acc, traj.cond_eps),
         prompt_embeds=_gather_tensor(acc, traj.prompt_embeds),
         negative_embeds=None if traj.negative_embeds is None else _gather_tensor(acc, traj.negative_embeds),
         images=_gather_tensor(acc, traj.images), metadata=[{} for _ in prompts],
