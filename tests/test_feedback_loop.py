@@ -156,3 +156,31 @@ def test_hero_as_the_toy_config_ships_it_learns_the_hard_prompt_fast(tmp_path):
     # 10 of the 32 fixed evaluation images more than the base after 128 labels (measured: +15; with the
     # earlier clip 1e-4, +7, which this would not accept).
     assert success[-1] >= base + 10 / 32, (base, success)
+
+
+def test_rerun_in_the_same_directory_is_refused_and_eval_and_report_work(tiny_pipe_dir, tmp_path):
+    """Issue 17's re-run scenario: the same output directory, another train.seed, no --resume. And the run's
+    resolved config is on disk (without the access token), so `diffalign eval` / `report` can read it."""
+    from diffalign.evaluate import evaluate_run
+    from diffalign.feedback.store import ConflictError
+    from diffalign.report import write_report
+
+    out = tmp_path / "rerun"
+    small = ("feedback.rounds=1", "eval.samples_per_prompt=1", "eval.prompts=['two red circles']")
+    first = run_feedback(_cfg(tiny_pipe_dir, out, "ddpo-binary", *small, 'feedback.token="s3cret-tok"'),
+                         evaluator="simulated", log=lambda m: None)
+    with pytest.raises(ConflictError, match=r"config: .*train.seed: 0 -> 1.*--resume.*new output_dir"):
+        run_feedback(_cfg(tiny_pipe_dir, out, "ddpo-binary", *small, "train.seed=1"), evaluator="simulated",
+                     log=lambda m: None)
+    store = FeedbackStore(out / "feedback")
+    assert store.label_count(store.list_runs()[0]["id"]) == first.labels_used == 4  # nothing new was labelled
+    store.close()
+    assert load_config(out / "config.toml").feedback.rounds == 1
+    for path in (out / "config.toml", out / "feedback" / "feedback.sqlite", out / "feedback.jsonl"):
+        assert b"s3cret-tok" not in path.read_bytes(), path
+    # The store was closed cleanly: its main file holds everything, the WAL is empty.
+    assert not (out / "feedback" / "feedback.sqlite-wal").exists() or \
+        (out / "feedback" / "feedback.sqlite-wal").stat().st_size == 0
+    result = evaluate_run(out)
+    assert "success" in result["tuned"] and (out / "eval.json").is_file()
+    assert write_report(out).is_file()

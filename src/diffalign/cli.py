@@ -143,11 +143,17 @@ def _print_eval(result: dict) -> None:
     typer.echo(f"{'drift':<12}{'':>10}{result['drift']:>10.4f}   ({result['num_images']} images, fixed seeds)")
 
 
-@app.command()
-def feedback(config: Path = ConfigOpt, set_: list[str] = SetOpt,
+feedback_app = typer.Typer(help="Fine-tune from good/bad/best labels (HERO, D3PO, DDPO-binary); tools for its store.")
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.callback(invoke_without_command=True)
+def feedback(ctx: typer.Context, config: Path = ConfigOpt, set_: list[str] = SetOpt,
              evaluator: str = typer.Option("human", help="'human' (the labeling app; prints its URL) or 'simulated'."),
              resume: bool = typer.Option(False, "--resume", help="Continue after the last finished round.")):
-    """Fine-tune from good/bad/best labels with HERO, D3PO or DDPO-binary."""
+    """Fine-tune from good/bad/best labels with HERO, D3PO or DDPO-binary (or run a subcommand below)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from .config import load_config
     from .feedback.loop import run_feedback
 
@@ -156,6 +162,20 @@ def feedback(config: Path = ConfigOpt, set_: list[str] = SetOpt,
         result = run_feedback(cfg, evaluator=evaluator, resume=resume, log=typer.echo)
         _echo(f"{result.labels_used} labels used; LoRA written to {result.lora_dir}; report "
               f"{result.output_dir / 'feedback_report.html'}")
+    _run(go)
+
+
+@feedback_app.command("backup")
+def feedback_backup(store: Path = typer.Option(..., "--store", help="The feedback store directory "
+                                               "(<output_dir>/feedback)."),
+                    out: Path = typer.Argument(..., help="A new (or empty) directory for the copy.")):
+    """Copy a feedback store consistently, also while a session runs (SQLite's online backup API)."""
+    from .feedback.backup import backup_store
+
+    def go():
+        info = backup_store(store, out)
+        typer.echo(f"backup of {store} -> {info['path']}: {info['runs']} run(s), {info['rounds']} round(s), "
+                   f"{info['submissions']} submission(s), {info['labels']} label(s), {info['images']} image(s)")
     _run(go)
 
 

@@ -22,6 +22,7 @@ def labeling(store, images, live_server):
     run = store.create_run("hero-demo", {"algorithm": "hero", "images_per_round": 8})
     r0 = store.create_round(run, 0, PROMPT, images.toy(PROMPT, 4, seed=7))
     store.submit(r0.id, "alice", {i: "good" for i in r0.image_ids}, r0.image_ids[1])
+    store.close_round(r0.id)  # the trainer read round 0
     # Images 1, 3 and 5 match the prompt, the others do not: the clicks below label them truthfully, so the
     # screenshot kept for the docs shows a sensible labeling.
     from diffalign.toy.scenes import render_scene
@@ -96,7 +97,7 @@ def test_label_a_round_in_the_browser(chromium, labeling, artifacts):
         assert len(subs) == 1
         assert subs[0]["evaluator"] == "carol" and subs[0]["labels"] == expected
         assert subs[0]["best_image_id"] == ids[0]
-        assert store.round_complete(r1.id) and store.label_count(r1.run_id) == 4 + 8
+        assert store.round_complete(r1.id) and store.label_count(r1.run_id) == 4  # round 1 not trained on yet
 
         # Reloading remembers the name (localStorage) and shows this evaluator's answer.
         page.reload()
@@ -107,6 +108,12 @@ def test_label_a_round_in_the_browser(chromium, labeling, artifacts):
         page.keyboard.press("Enter")  # the same answer again: idempotent
         page.wait_for_selector("#status.ok")
         assert len(store.submissions(r1.id)) == 1
+
+        # The trainer reads round 1: the page shows it closed and sends nothing more.
+        assert store.close_round(r1.id).labels_used == 8 and store.label_count(r1.run_id) == 4 + 8
+        page.reload()
+        page.wait_for_selector("#closed:not([hidden])")
+        assert "closed" in page.locator("#closed").inner_text() and page.locator("#submit").is_disabled()
 
         page.goto(f"{server.url}/runs/{r1.run_id}")
         page.wait_for_selector("#rounds table")
@@ -143,5 +150,30 @@ def test_previous_best_can_win_and_a_wrong_token_is_reported(chromium, labeling,
         assert fb.best_image_id == r0.image_ids[1] and fb.best_index is None
         page.screenshot(path=str(artifacts / "labeling_previous_best.png"), full_page=True)
         assert [e for e in errors if "401" not in e and "403" not in e] == []
+    finally:
+        context.close()
+
+
+def test_a_late_submission_gets_the_closed_message(chromium, labeling):
+    """The issue's scenario: a third evaluator has the round open while training reads it, then submits."""
+    store, r0, r1, server = labeling
+    context, page, errors = _page(chromium)
+    try:
+        page.goto(f"{server.url}/rounds/{r1.id}?token={TOKEN}")
+        page.wait_for_selector("#grid figure.card >> nth=7")
+        page.fill("#evaluator", "erin")
+        page.press("#evaluator", "Enter")
+        for k in range(1, 9):
+            page.keyboard.press(str(k))
+            page.keyboard.press("b")
+        store.submit(r1.id, "alice", {i: "bad" for i in r1.image_ids}, None)
+        store.close_round(r1.id)  # meanwhile alice completed the round and training read it
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#closed:not([hidden])")
+        assert "is closed" in page.locator("#status").inner_text()
+        assert page.locator("#submit").is_disabled()
+        assert [s["evaluator"] for s in store.submissions(r1.id)] == ["alice"]
+        assert store.label_count(r1.run_id) == 4 + 8
+        assert [e for e in errors if "409" not in e] == []
     finally:
         context.close()

@@ -76,8 +76,8 @@ def test_sigkill_keeps_every_acknowledged_label_once(tmp_path, images, server_pr
         assert len(subs) == 1 and subs[0]["submission_id"] == acknowledged[info.id]
         if info.id in killed_after:
             assert acknowledged[info.id] == killed_after[info.id]
-    assert check.label_count(run) == 3 * len(rounds)
-    assert check.open_rounds(run) == []
+    assert check.open_rounds(run) == [] and check.label_count(run) == 0  # nothing trained on yet
+    assert sum(check.close_round(info.id).labels_used for info in rounds) == check.label_count(run) == 3 * len(rounds)
 
     # The trainer side restarts too: re-creating its rounds returns the same rounds and image ids.
     again = [check.create_round(run, i, PROMPT, images.toy(PROMPT, 3, seed=i % 4)) for i in range(len(rounds))]
@@ -107,7 +107,7 @@ def test_four_concurrent_evaluators_over_http(store, images, live_server):
     # Meanwhile the trainer waits on the last round in its own thread.
     result = {}
     waiter = threading.Thread(target=lambda: result.update(
-        fb=FeedbackStore(store.directory).wait_for_round(rounds[-1].id, timeout=30, poll=0.05)))
+        fb=FeedbackStore(store.directory).wait_for_round(rounds[-1].id, timeout=30, poll=0.05, close=True)))
     waiter.start()
     threads = [threading.Thread(target=evaluator, args=(k,)) for k in range(4)]
     for t in threads:
@@ -125,5 +125,8 @@ def test_four_concurrent_evaluators_over_http(store, images, live_server):
             assert fb.per_evaluator[f"ev{k}"]["labels"] == {int(i): v for i, v in labels.items()}
             assert fb.per_evaluator[f"ev{k}"]["best_image_id"] == best
         assert len(store.submissions(info.id)) == 4
+    assert store.label_count(run) == 4 * 4  # only the round the trainer read (closed) counts as used
+    for info in rounds[:-1]:
+        store.close_round(info.id)
     assert store.label_count(run) == 4 * 5 * 4
     assert result["fb"].round_id == rounds[-1].id and len(result["fb"].per_evaluator) == 4

@@ -92,6 +92,7 @@ def test_submit_double_submit_and_audit(setup):
     done = c.post(f"/api/rounds/{r1.id}/submissions", json=_body(r1, evaluator="bob"))
     assert done.json()["complete"] is True
     assert r1.id not in [r["id"] for r in c.get("/api/rounds").json()]
+    assert store.label_count(r1.run_id) == 0 and store.close_round(r1.id).labels_used == 6
     assert store.label_count(r1.run_id) == 6
 
 

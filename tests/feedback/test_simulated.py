@@ -36,7 +36,7 @@ def test_noise_free_labels_match_the_judge_exactly(store, images):
     for info in rounds:
         total += sim.label_round(store, info.id)
         success, partial = _judge(store, info)
-        fb = store.round_feedback(info.id)
+        fb = store.close_round(info.id)  # what the trainer reads
         assert fb.good == success.tolist()
         assert fb.per_evaluator["sim-0"]["labels"] == {
             i: ("good" if s else "bad") for i, s in zip(info.image_ids, success, strict=True)}

@@ -46,15 +46,29 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path):
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
-    with pytest.raises(SchemaVersionError, match=r"schema version 2, newer .* upgrade diffalign"):
+    with pytest.raises(SchemaVersionError, match=rf"schema version {SCHEMA_VERSION + 1}, newer .* upgrade diffalign"):
         FeedbackStore(tmp_path / "s")
 
 
 def test_create_run_is_idempotent_by_name(store):
     a = store.create_run("exp", {"lr": 1e-4})
-    assert store.create_run("exp", {"lr": 2e-4}) == a
+    assert store.create_run("exp", {"lr": 1e-4}) == a
+    assert store.create_run("exp") == a  # no config given: just the id
     assert store.create_run("other") != a
     assert store.get_run(a)["config"] == {"lr": 1e-4}
+
+
+def test_another_config_is_refused_without_resume_and_recorded_with_it(store):
+    a = store.create_run("exp", {"train": {"seed": 0, "lr": 1e-4}, "feedback": {"rounds": 3}})
+    with pytest.raises(ConflictError, match=r"config: run 'exp' .* another config \(train.seed: 0 -> 1\)\. "
+                                            r".*--resume.*new output_dir"):
+        store.create_run("exp", {"train": {"seed": 1, "lr": 1e-4}, "feedback": {"rounds": 3}})
+    resumed = {"train": {"seed": 0, "lr": 1e-4}, "feedback": {"rounds": 5}}
+    assert store.create_run("exp", resumed, resume=True) == a
+    history = store.run_configs(a)
+    assert [h["reason"] for h in history] == ["created", "resume"] and history[-1]["config"] == resumed
+    # The resumed config is now the current one: the same again needs no --resume.
+    assert store.create_run("exp", resumed) == a
 
 
 def test_create_round_stores_pngs_by_hash_and_is_idempotent(store, images):
@@ -73,8 +87,8 @@ def test_create_round_stores_pngs_by_hash_and_is_idempotent(store, images):
     assert store.image_info(info.image_ids[1])["metadata"] == {"seed": 1, "success": False}
     assert store.round_status(info.id)["measured_success"] == 0.5
 
-    # A restarted trainer (new store object, even other images) gets the same round and the same image ids.
-    again = FeedbackStore(store.directory).create_round(run, 0, PROMPT, images.toy(PROMPT, 4, seed=9))
+    # A restarted trainer (new store object, the same images) gets the same round and the same image ids.
+    again = FeedbackStore(store.directory).create_round(run, 0, PROMPT, imgs)
     assert again == info
     assert len(list((store.directory / "images").rglob("*.png"))) == 4
     assert store.open_rounds() == [info]
@@ -175,14 +189,15 @@ def test_double_submit_is_idempotent_and_changes_are_appended(store, images):
     fb = store.round_feedback(info.id)
     assert fb.per_evaluator["alice"]["labels"] == {a: "good", b: "good", c: "bad"}
     assert fb.best_image_id == b and fb.best_index == 1
-    assert fb.labels_used == 3 and store.label_count(info.run_id) == 3  # the audit row is not counted again
+    assert fb.labels_used == 3 and store.label_count(info.run_id) == 0  # nothing trained on yet
     # Going back to the first answer is a change too: appended, and it is the latest again.
     back = store.submit(info.id, "alice", {a: "good", b: "bad", c: "bad"}, a)
     assert back not in (first, changed) and store.round_feedback(info.id).best_image_id == a
     assert not store.round_complete(info.id)
     store.submit(info.id, "bob", {a: "bad", b: "bad", c: "bad"}, None)
     assert store.round_complete(info.id) and info.id not in [r.id for r in store.open_rounds()]
-    assert store.label_count(info.run_id) == 6
+    assert store.close_round(info.id).labels_used == 6
+    assert store.label_count(info.run_id) == 6  # the audit rows are not counted again
 
 
 def test_aggregation_majority_ties_and_best(store, images):
@@ -204,7 +219,7 @@ def test_aggregation_majority_ties_and_best(store, images):
     store.submit(info.id, "e2", {w: "good", x: "bad", y: "bad", z: "good"}, P)
     fb = store.round_feedback(info.id)
     assert fb.best_image_id == P and fb.best_index is None
-    assert store.label_count(run) == 12
+    assert store.label_count(run) == 0  # no round closed: training used nothing yet
 
 
 def test_ties_count_as_bad_and_best_must_stay_good(store, images):
@@ -300,4 +315,4 @@ def test_threads_share_a_store_without_lost_updates(store, images):
         t.join()
     assert not errors
     assert all(store.round_complete(r.id) for r in rounds)
-    assert store.label_count(run) == 4 * 3 * 3
+    assert sum(store.close_round(r.id).labels_used for r in rounds) == store.label_count(run) == 4 * 3 * 3

@@ -39,7 +39,7 @@ import torch
 from ..algorithms.d3po import D3PO, preference_pairs
 from ..algorithms.ddpo import DDPO
 from ..algorithms.hero import HERO, RoundLabels, UNetFeatures
-from ..config import RunConfig, redacted_dump
+from ..config import RunConfig, dump_config, redacted_dump
 from ..prompts import resolve_prompts
 from ..rewards import to_uint8_images
 from ..sampling import Trajectories, sample_trajectories
@@ -151,7 +151,15 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         store = FeedbackStore(Path(fb.store_dir) if fb.store_dir else out / "feedback")
-        run_id = store.create_run(out.name, redacted_dump(cfg, exclude_none=False))  # no token on disk
+        public = _public_config(cfg)
+        try:
+            # A different config in the same store needs --resume: its rounds belong to the old one.
+            run_id = store.create_run(out.name, redacted_dump(public, exclude_none=False), resume=resume)
+        except BaseException:
+            store.close()
+            raise
+        # The resolved config, as `train` writes it: `diffalign eval` and `diffalign report` read it.
+        dump_config(public, out / "config.toml")
     acc.wait_for_everyone()
     if resume and trainer.load_checkpoint() is not None:
         log(f"resumed after round {trainer.state.epoch}")
@@ -181,16 +189,31 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
             if fb.stop_at_success is not None and record.get("success", -1.0) >= fb.stop_at_success:
                 log(f"success {record['success']:.2f} >= feedback.stop_at_success ({fb.stop_at_success}): stopping")
                 break
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     finally:
         if server is not None:
             server.should_exit = True
     labels_used = _broadcast(acc, store.label_count(run_id) if main else None)  # finish() ends the process group
     result = trainer.finish()
     if main:
-        store.export_jsonl(run_id, out / "feedback.jsonl")
-        from ..report import write_feedback_report
-        write_feedback_report(out)
+        try:
+            store.export_jsonl(run_id, out / "feedback.jsonl")
+            from ..report import write_feedback_report
+            report = write_feedback_report(out)
+            log(f"feedback report: {report}")
+        finally:
+            store.close()  # checkpoints the WAL: feedback.sqlite alone then holds every label
     return FeedbackResult(out, result.lora_dir, trainer.state.history, labels_used)
+
+
+def _public_config(cfg: RunConfig) -> RunConfig:
+    """The config as recorded on disk (store, config.toml): the access token is a secret and never written."""
+    public = cfg.model_copy(deep=True)
+    public.feedback.token = None
+    return public
 
 
 def _build_hero(cfg: RunConfig, trainer: Trainer, prompts: list[str]) -> HERO:
@@ -247,7 +270,8 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
         # 3. The round in the store (the same round again after a restart).
         info = store.create_round(run_id, r, prompt, list(images), evaluators_required=fb.evaluators_required,
                                   previous_best_image_id=state.previous_best_image_id,
-                                  image_metadata=[{"index": i} for i in range(len(images))])
+                                  image_metadata=[{"index": i, "seed": cfg.train.seed, "round": r}
+                                                  for i in range(len(images))])
         round_id = info.id
         from PIL import Image
 
@@ -261,7 +285,9 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
             feedback_wait(store, round_id, fb.wait_timeout, log)
     if evaluator != "simulated" and world > 1:
         _wait_on_main(acc, store, round_id, fb.wait_timeout, log)
-    feedback = _broadcast(acc, store.round_feedback(round_id) if main else None)  # the labels, to every process
+    # Closing the round is reading it: from now on the store refuses submissions to it, and what it records
+    # as used is exactly what trains here.
+    feedback = _broadcast(acc, store.close_round(round_id) if main else None)  # the labels, to every process
     good = torch.tensor(feedback.good, dtype=torch.bool)
     best_is_previous = feedback.best_image_id is not None and feedback.best_index is None
     labels = RoundLabels(good, feedback.best_index, best_is_previous)

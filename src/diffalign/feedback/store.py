@@ -35,7 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from diffalign.feedback import schema as _schema
+from diffalign.feedback.schema import SCHEMA_VERSION
+
 DB_NAME = "feedback.sqlite"
 IMAGE_DIR = "images"
 LABELS = ("good", "bad")
@@ -62,6 +64,10 @@ class ConflictError(FeedbackError):
     status_code = 409
 
 
+class RoundClosedError(ConflictError):
+    """A submission to a round that training has already read (closed): it would not change what was learned."""
+
+
 class SchemaVersionError(FeedbackError):
     """The store was written by a newer diffalign than this one."""
 
@@ -86,7 +92,8 @@ class RoundFeedback:
     no votes count as bad). ``best_image_id`` is the most-picked best among the candidates that are still
     good after aggregation (or the round's previous best image); ties go to the pick made in the earliest
     submission. ``best_index`` indexes ``image_ids``; it is ``None`` when nobody picked a best or the best is
-    the previous round's best image (not in this batch).
+    the previous round's best image (not in this batch). ``labels_used`` counts the aggregated labels (one per
+    evaluator per image); ``closed`` says whether this is what training used (:meth:`FeedbackStore.close_round`).
     """
 
     round_id: int
@@ -96,75 +103,13 @@ class RoundFeedback:
     best_index: int | None
     per_evaluator: dict[str, dict] = field(default_factory=dict)
     labels_used: int = 0
+    closed: bool = False
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version     INTEGER NOT NULL,
-    applied_at  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    id          INTEGER PRIMARY KEY,
-    name        TEXT NOT NULL UNIQUE,
-    config      TEXT NOT NULL DEFAULT '{}',
-    created_at  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS run_metrics (
-    id          INTEGER PRIMARY KEY,
-    run_id      INTEGER NOT NULL REFERENCES runs(id),
-    name        TEXT NOT NULL,
-    value       REAL NOT NULL,
-    iteration   INTEGER,
-    recorded_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS run_metrics_run ON run_metrics(run_id, name, id);
-CREATE TABLE IF NOT EXISTS rounds (
-    id                      INTEGER PRIMARY KEY,
-    run_id                  INTEGER NOT NULL REFERENCES runs(id),
-    iteration               INTEGER NOT NULL,
-    prompt                  TEXT NOT NULL,
-    evaluators_required     INTEGER NOT NULL CHECK (evaluators_required >= 1),
-    previous_best_image_id  INTEGER REFERENCES images(id),
-    created_at              TEXT NOT NULL,
-    UNIQUE (run_id, iteration)
-);
-CREATE TABLE IF NOT EXISTS images (
-    id          INTEGER PRIMARY KEY,
-    round_id    INTEGER NOT NULL REFERENCES rounds(id),
-    position    INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,
-    file        TEXT NOT NULL,
-    width       INTEGER NOT NULL,
-    height      INTEGER NOT NULL,
-    metadata    TEXT NOT NULL DEFAULT '{}',
-    created_at  TEXT NOT NULL,
-    UNIQUE (round_id, position)
-);
-CREATE TABLE IF NOT EXISTS evaluators (
-    id          INTEGER PRIMARY KEY,
-    name        TEXT NOT NULL UNIQUE,
-    created_at  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS submissions (
-    id              INTEGER PRIMARY KEY,
-    round_id        INTEGER NOT NULL REFERENCES rounds(id),
-    evaluator_id    INTEGER NOT NULL REFERENCES evaluators(id),
-    best_image_id   INTEGER REFERENCES images(id),
-    created_at      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS submissions_round ON submissions(round_id, evaluator_id, id);
-CREATE TABLE IF NOT EXISTS labels (
-    id              INTEGER PRIMARY KEY,
-    submission_id   INTEGER NOT NULL REFERENCES submissions(id),
-    image_id        INTEGER NOT NULL REFERENCES images(id),
-    label           TEXT NOT NULL CHECK (label IN ('good', 'bad')),
-    UNIQUE (submission_id, image_id)
-);
-"""
 
 
 def _encode_png(image: Any) -> tuple[bytes, int, int]:
@@ -296,13 +241,27 @@ class FeedbackStore:
                 conn.execute("COMMIT")
 
     def close(self) -> None:
-        """Close every connection this object opened (from any thread)."""
+        """Close every connection this object opened (from any thread), checkpointing the WAL first.
+
+        In WAL mode committed transactions live in ``feedback.sqlite-wal`` until a checkpoint copies them
+        into ``feedback.sqlite``; a clean close does that (``TRUNCATE`` also empties the WAL file), so a
+        closed store's main file holds everything. While another process still reads the store the
+        checkpoint may be partial; nothing is lost either way (SQLite finishes it later).
+        """
         with self._lock:
             conns, self._connections = self._connections, []
+        if conns:
+            with contextlib.suppress(sqlite3.Error):
+                conns[0].execute("PRAGMA wal_checkpoint(TRUNCATE)")
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         self._local = threading.local()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the WAL into the main database file now: ``(busy, wal_pages, checkpointed_pages)``."""
+        row = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def __enter__(self) -> FeedbackStore:
         return self
@@ -323,11 +282,7 @@ class FeedbackStore:
             version = c.execute("PRAGMA user_version").fetchone()[0]  # another process may have won the race
             self._check_version(version)
             if version < SCHEMA_VERSION:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        c.execute(statement)
-                c.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (SCHEMA_VERSION, _now()))
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _schema.apply(c, _now())
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -341,19 +296,56 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------ runs
 
-    def create_run(self, name: str, config: dict | None = None) -> int:
-        """The id of the run called ``name``, created if new (the config of an existing run is kept)."""
+    def create_run(self, name: str, config: dict | None = None, resume: bool = False) -> int:
+        """The id of the run called ``name``, created if new.
+
+        The store records the config a run was created with. Opening an existing run with a *different*
+        config raises :class:`ConflictError` naming the differing fields, unless ``resume`` is true (a
+        resumed session may change, e.g., the number of rounds): then the new config is appended to the
+        run's config history (``run_configs``). The same config again is fine either way.
+        """
         if not isinstance(name, str) or not name.strip():
             raise FeedbackError("name: a run name is required")
         name = name.strip()
         config_json = json.dumps(config or {}, sort_keys=True, default=str)
         with self._write() as c:
-            row = c.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()
-            if row is not None:
-                return int(row["id"])
-            cur = c.execute("INSERT INTO runs (name, config, created_at) VALUES (?, ?, ?)",
-                            (name, config_json, _now()))
-            return int(cur.lastrowid)
+            row = c.execute("SELECT id, config FROM runs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                cur = c.execute("INSERT INTO runs (name, config, created_at) VALUES (?, ?, ?)",
+                                (name, config_json, _now()))
+                run_id = int(cur.lastrowid)
+                c.execute("INSERT INTO run_configs (run_id, config, reason, recorded_at) VALUES (?, ?, ?, ?)",
+                          (run_id, config_json, "created", _now()))
+                return run_id
+            run_id = int(row["id"])
+            if config is None:
+                return run_id
+            last = c.execute("SELECT config FROM run_configs WHERE run_id = ? ORDER BY id DESC LIMIT 1",
+                             (run_id,)).fetchone()
+            current = json.loads(last["config"] if last is not None else row["config"])
+            new = json.loads(config_json)
+            if current == new:
+                return run_id
+            diff = config_diff(current, new)
+            if not resume:
+                shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+                raise ConflictError(
+                    f"config: run {name!r} in the feedback store {self.directory} was started with another config "
+                    f"({shown}). Its rounds and labels belong to that config: pass --resume to continue it with "
+                    f"this config, or use a new output_dir (or feedback.store_dir) for a new session")
+            c.execute("INSERT INTO run_configs (run_id, config, reason, recorded_at) VALUES (?, ?, ?, ?)",
+                      (run_id, config_json, "resume", _now()))
+            return run_id
+
+    def run_configs(self, run_id: int) -> list[dict]:
+        """Every config a run was created or resumed with, oldest first: ``{"config", "reason", "recorded_at"}``."""
+        run_id = _check_int(run_id, "run_id")
+        with self._read() as c:
+            self._run_row(c, run_id)
+            rows = c.execute("SELECT config, reason, recorded_at FROM run_configs WHERE run_id = ? ORDER BY id",
+                             (run_id,)).fetchall()
+        return [{"config": json.loads(r["config"]), "reason": r["reason"], "recorded_at": r["recorded_at"]}
+                for r in rows]
 
     def _run_row(self, c: sqlite3.Connection, run_id: int) -> sqlite3.Row:
         row = c.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
@@ -415,7 +407,8 @@ class FeedbackStore:
             "labels_used": sum(r["labels_used"] for r in rounds),
             "metrics": self.run_metrics(run_id),
             "rounds": rounds,
-            "open_rounds": sum(1 for r in rounds if not r["complete"]),
+            "open_rounds": sum(1 for r in rounds if r["state"] == "open" and not r["complete"]),
+            "planned_rounds": _planned_rounds(json.loads(run["config"])),
         }
 
     # ------------------------------------------------------------------ rounds and images
@@ -446,22 +439,22 @@ class FeedbackStore:
             image_metadata = list(image_metadata)
             if len(image_metadata) != len(images):
                 raise FeedbackError(f"image_metadata: {len(image_metadata)} entries for {len(images)} images")
-        existing = self._existing_round(run_id, iteration, prompt, len(images))
+        pngs = [_encode_png(image) for image in images]
+        digests = [hashlib.sha256(data).hexdigest() for data, _, _ in pngs]
+        metadata = [json.dumps(m or {}, sort_keys=True, default=_json_default) for m in
+                    (image_metadata or [None] * len(images))]
+        existing = self._existing_round(run_id, iteration, prompt, digests, metadata)
         if existing is not None:
             return existing
 
         # Write the files first (content-addressed, so a crash leaves at most an unreferenced file).
         encoded = []
-        for image in images:
-            data, width, height = _encode_png(image)
-            digest = hashlib.sha256(data).hexdigest()
+        for (data, width, height), digest in zip(pngs, digests, strict=True):
             rel = f"{IMAGE_DIR}/{digest[:2]}/{digest}.png"
             path = self.directory / rel
             if not path.exists():
                 _write_atomic(path, data)
             encoded.append((digest, rel, width, height))
-        metadata = [json.dumps(m or {}, sort_keys=True, default=_json_default) for m in
-                    (image_metadata or [None] * len(images))]
 
         with self._write() as c:
             self._run_row(c, run_id)
@@ -485,22 +478,40 @@ class FeedbackStore:
                     c.execute("INSERT INTO images (round_id, position, sha256, file, width, height, metadata, "
                               "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                               (round_id, position, digest, rel, width, height, meta, now))
-        existing = self._existing_round(run_id, iteration, prompt, len(images))
+        existing = self._existing_round(run_id, iteration, prompt, digests, metadata)
         assert existing is not None
         return existing
 
-    def _existing_round(self, run_id: int, iteration: int, prompt: str, n_images: int) -> RoundInfo | None:
-        row = self._conn().execute("SELECT id FROM rounds WHERE run_id = ? AND iteration = ?",
-                                   (run_id, iteration)).fetchone()
-        if row is None:
-            return None
-        info = self.get_round(int(row["id"]))
+    def _existing_round(self, run_id: int, iteration: int, prompt: str, digests: list[str],
+                        metadata: list[str]) -> RoundInfo | None:
+        """The round ``(run_id, iteration)`` if it exists and holds exactly these images, else ConflictError.
+
+        A round is identified by its images' content (sha256 of the PNG), not by its prompt and size: labels
+        belong to the pixels people saw, and a re-run that sampled other images must never inherit them.
+        """
+        with self._read() as c:
+            row = c.execute("SELECT id FROM rounds WHERE run_id = ? AND iteration = ?",
+                            (run_id, iteration)).fetchone()
+            if row is None:
+                return None
+            info = self._round_info(c, int(row["id"]))
+            stored = c.execute("SELECT sha256, metadata FROM images WHERE round_id = ? ORDER BY position",
+                               (info.id,)).fetchall()
+        where = f"round {info.id} (run {run_id}, iteration {iteration})"
+        fix = (f"The feedback store {self.directory} holds an earlier session whose labels belong to its own "
+               f"images: to continue that session run with --resume (which samples the same images again); to "
+               f"start a new session use a new output_dir (or feedback.store_dir)")
         if info.prompt != prompt:
-            raise ConflictError(f"prompt: round {info.id} (run {run_id}, iteration {iteration}) already exists "
-                                f"with prompt {info.prompt!r}, not {prompt!r}")
-        if len(info.image_ids) != n_images:
-            raise ConflictError(f"images: round {info.id} (run {run_id}, iteration {iteration}) already exists "
-                                f"with {len(info.image_ids)} images, not {n_images}")
+            raise ConflictError(f"prompt: {where} already exists with prompt {info.prompt!r}, not {prompt!r}. {fix}")
+        if len(stored) != len(digests):
+            raise ConflictError(f"images: {where} already exists with {len(stored)} images, not {len(digests)}. "
+                                f"{fix}")
+        differ = [k for k, (r, d) in enumerate(zip(stored, digests, strict=True)) if r["sha256"] != d]
+        if differ:
+            seeds = _seed_difference([json.loads(r["metadata"]) for r in stored], [json.loads(m) for m in metadata])
+            raise ConflictError(
+                f"images: {where} already holds other images: {len(differ)} of {len(digests)} differ by content "
+                f"hash (positions {_ranges(differ)}){seeds}. {fix}")
         return info
 
     def _round_info(self, c: sqlite3.Connection, round_id: int) -> RoundInfo:
@@ -525,9 +536,10 @@ class FeedbackStore:
         return None if row is None else self.get_round(int(row["id"]))
 
     def open_rounds(self, run_id: int | None = None) -> list[RoundInfo]:
-        """Rounds that still wait for evaluators, oldest first."""
+        """Rounds that still wait for evaluators (open, not complete), oldest first."""
         sql = ("SELECT r.id FROM rounds r WHERE (SELECT COUNT(DISTINCT s.evaluator_id) FROM submissions s "
-               "WHERE s.round_id = r.id) < r.evaluators_required")
+               "WHERE s.round_id = r.id) < r.evaluators_required "
+               "AND NOT EXISTS (SELECT 1 FROM round_closures k WHERE k.round_id = r.id)")
         args: tuple = ()
         if run_id is not None:
             sql += " AND r.run_id = ?"
@@ -620,7 +632,13 @@ class FeedbackStore:
                 old = {int(r["image_id"]): r["label"] for r in c.execute(
                     "SELECT image_id, label FROM labels WHERE submission_id = ?", (last["id"],))}
                 if old == clean:
-                    return int(last["id"])
+                    return int(last["id"])  # a re-sent submission (e.g. its answer was lost): acknowledged again
+            closure = c.execute("SELECT closed_at FROM round_closures WHERE round_id = ?", (round_id,)).fetchone()
+            if closure is not None:
+                raise RoundClosedError(
+                    f"round: round {round_id} is closed: the training loop used its labels at {closure['closed_at']}, "
+                    f"so this submission was not recorded. Label the round that is open now (the index page "
+                    f"lists it)")
             cur = c.execute("INSERT INTO submissions (round_id, evaluator_id, best_image_id, created_at) "
                             "VALUES (?, ?, ?, ?)", (round_id, evaluator_id, best_image_id, _now()))
             submission_id = int(cur.lastrowid)
@@ -658,8 +676,8 @@ class FeedbackStore:
 
     def wait_for_round(self, round_id: int, timeout: float | None = None, poll: float = 0.5,
                        on_wait: Callable[[float, int, int], Any] | None = None,
-                       on_wait_interval: float = 30.0) -> RoundFeedback:
-        """Block until the round is complete and return its feedback.
+                       on_wait_interval: float = 30.0, close: bool = False) -> RoundFeedback:
+        """Block until the round is complete and return its feedback (with ``close``, closed: what training uses).
 
         ``on_wait(elapsed_seconds, submitted, required)`` is called when waiting starts and then every
         ``on_wait_interval`` seconds, so the caller can say what it is waiting for. Raises TimeoutError after
@@ -670,7 +688,7 @@ class FeedbackStore:
         while True:
             submitted, required = self._progress(round_id)
             if submitted >= required:
-                return self.round_feedback(round_id)
+                return self.close_round(round_id) if close else self.round_feedback(round_id)
             now = time.monotonic()
             elapsed = now - start
             if timeout is not None and elapsed >= timeout:
@@ -686,26 +704,66 @@ class FeedbackStore:
             time.sleep(max(sleep, 0.001))
 
     def round_feedback(self, round_id: int) -> RoundFeedback:
-        """The labels of a round aggregated over the evaluators' latest submissions (see :class:`RoundFeedback`)."""
+        """The labels of a round aggregated over the evaluators' latest submissions (see :class:`RoundFeedback`).
+
+        For a closed round: exactly the submissions training used (:meth:`close_round`)."""
         round_id = _check_int(round_id, "round_id")
         with self._read() as c:
             info = self._round_info(c, round_id)
+            closure = c.execute("SELECT submission_ids FROM round_closures WHERE round_id = ?", (round_id,)).fetchone()
+            subs = (self._submissions_by_id(c, json.loads(closure["submission_ids"])) if closure is not None
+                    else self._latest_submissions(c, round_id))
+            return self._aggregate(c, info, subs, closed=closure is not None)
+
+    def close_round(self, round_id: int) -> RoundFeedback:
+        """Close a complete round and return the feedback training uses (the trainer calls this once it reads).
+
+        In one write transaction: the evaluators' latest submissions are aggregated and recorded in
+        ``round_closures`` (which submissions, how many labels), so what training used is exactly what the
+        store says it used; later submissions to the round are refused (:class:`RoundClosedError`, HTTP 409).
+        Closing a closed round again (a restarted trainer) returns the recorded feedback. Raises
+        ConflictError when the round is not complete yet.
+        """
+        round_id = _check_int(round_id, "round_id")
+        with self._write() as c:
+            info = self._round_info(c, round_id)
+            closure = c.execute("SELECT submission_ids FROM round_closures WHERE round_id = ?", (round_id,)).fetchone()
+            if closure is not None:
+                return self._aggregate(c, info, self._submissions_by_id(c, json.loads(closure["submission_ids"])),
+                                       closed=True)
             latest = self._latest_submissions(c, round_id)
-            per_evaluator: dict[str, dict] = {}
-            votes = {i: 0 for i in info.image_ids}
-            for sub in latest:
-                labels = {int(r["image_id"]): r["label"] for r in c.execute(
-                    "SELECT image_id, label FROM labels WHERE submission_id = ?", (sub["id"],))}
-                per_evaluator[sub["evaluator"]] = {
-                    "submission_id": int(sub["id"]), "labels": {i: labels[i] for i in info.image_ids},
-                    "best_image_id": sub["best_image_id"], "created_at": sub["created_at"]}
-                for i in info.image_ids:
-                    votes[i] += 1 if labels[i] == "good" else -1
+            if len(latest) < info.evaluators_required:
+                raise ConflictError(f"round: round {round_id} is not complete ({len(latest)} of "
+                                    f"{info.evaluators_required} evaluators submitted); wait_for_round first")
+            feedback = self._aggregate(c, info, latest, closed=True)
+            c.execute("INSERT INTO round_closures (round_id, submission_ids, labels_used, closed_at) VALUES (?, ?, ?, ?)",
+                      (round_id, json.dumps([int(s["id"]) for s in latest]), feedback.labels_used, _now()))
+            return feedback
+
+    def _submissions_by_id(self, c: sqlite3.Connection, ids: list[int]) -> list[sqlite3.Row]:
+        rows = c.execute(
+            f"SELECT s.id, s.best_image_id, s.created_at, e.name AS evaluator FROM submissions s "
+            f"JOIN evaluators e ON e.id = s.evaluator_id WHERE s.id IN ({','.join('?' * len(ids))}) ORDER BY s.id",
+            [int(i) for i in ids]).fetchall()
+        return rows
+
+    def _aggregate(self, c: sqlite3.Connection, info: RoundInfo, subs: list[sqlite3.Row],
+                   closed: bool) -> RoundFeedback:
+        per_evaluator: dict[str, dict] = {}
+        votes = {i: 0 for i in info.image_ids}
+        for sub in subs:
+            labels = {int(r["image_id"]): r["label"] for r in c.execute(
+                "SELECT image_id, label FROM labels WHERE submission_id = ?", (sub["id"],))}
+            per_evaluator[sub["evaluator"]] = {
+                "submission_id": int(sub["id"]), "labels": {i: labels[i] for i in info.image_ids},
+                "best_image_id": sub["best_image_id"], "created_at": sub["created_at"]}
+            for i in info.image_ids:
+                votes[i] += 1 if labels[i] == "good" else -1
         good = [votes[i] > 0 for i in info.image_ids]
         good_ids = {i for i, g in zip(info.image_ids, good, strict=True) if g}
         counts: dict[int, int] = {}
         first_pick: dict[int, int] = {}
-        for order, sub in enumerate(latest):
+        for order, sub in enumerate(subs):
             best = sub["best_image_id"]
             if best is None or not (best in good_ids or best == info.previous_best_image_id):
                 continue
@@ -713,35 +771,43 @@ class FeedbackStore:
             first_pick.setdefault(best, order)
         best_image_id = min(counts, key=lambda b: (-counts[b], first_pick[b])) if counts else None
         best_index = info.image_ids.index(best_image_id) if best_image_id in info.image_ids else None
-        return RoundFeedback(round_id=round_id, image_ids=list(info.image_ids), good=good,
+        return RoundFeedback(round_id=info.id, image_ids=list(info.image_ids), good=good,
                              best_image_id=best_image_id, best_index=best_index, per_evaluator=per_evaluator,
-                             labels_used=len(latest) * len(info.image_ids))
+                             labels_used=len(subs) * len(info.image_ids), closed=closed)
 
     def round_status(self, round_id: int) -> dict:
-        """A JSON-ready summary of a round for the app: progress, labels used, measured success if known."""
+        """A JSON-ready summary of a round for the app: state, progress, labels used, measured success if known.
+
+        ``state`` is ``"open"`` (accepting submissions) or ``"closed"`` (training read it). ``labels_used`` is
+        what training consumed (0 while the round is open); ``labels_given`` what evaluators have given so far.
+        """
         info = self.get_round(round_id)
         submitted = self.submitted_evaluators(round_id)
         with self._read() as c:
             metas = [json.loads(r["metadata"]) for r in c.execute(
                 "SELECT metadata FROM images WHERE round_id = ? ORDER BY position", (round_id,))]
+            closure = c.execute("SELECT labels_used, closed_at FROM round_closures WHERE round_id = ?",
+                                (round_id,)).fetchone()
         successes = [m["success"] for m in metas if isinstance(m.get("success"), (bool, int, float))]
         return {
             "id": info.id, "run_id": info.run_id, "iteration": info.iteration, "prompt": info.prompt,
             "n_images": len(info.image_ids), "evaluators_required": info.evaluators_required,
             "evaluators_submitted": submitted, "complete": len(submitted) >= info.evaluators_required,
-            "labels_used": len(submitted) * len(info.image_ids), "created_at": info.created_at,
+            "state": "closed" if closure is not None else "open",
+            "closed_at": closure["closed_at"] if closure is not None else None,
+            "labels_used": int(closure["labels_used"]) if closure is not None else 0,
+            "labels_given": len(submitted) * len(info.image_ids), "created_at": info.created_at,
             "measured_success": (sum(float(s) for s in successes) / len(successes)) if successes else None,
         }
 
     def label_count(self, run_id: int) -> int:
-        """Image labels given in a run: one per evaluator per image (an evaluator's resubmissions count once)."""
+        """The labels training used in a run: one per evaluator per image of each closed round, as recorded
+        when the trainer closed it (resubmissions and refused late submissions count nothing)."""
         run_id = _check_int(run_id, "run_id")
         with self._read() as c:
             self._run_row(c, run_id)
-            row = c.execute(
-                "SELECT COUNT(*) FROM (SELECT DISTINCT s.evaluator_id, l.image_id FROM labels l "
-                "JOIN submissions s ON s.id = l.submission_id JOIN rounds r ON r.id = s.round_id "
-                "WHERE r.run_id = ?)", (run_id,)).fetchone()
+            row = c.execute("SELECT COALESCE(SUM(k.labels_used), 0) FROM round_closures k "
+                            "JOIN rounds r ON r.id = k.round_id WHERE r.run_id = ?", (run_id,)).fetchone()
         return int(row[0])
 
     def submissions(self, round_id: int) -> list[dict]:
@@ -750,6 +816,8 @@ class FeedbackStore:
         with self._read() as c:
             self._round_info(c, round_id)
             latest = {int(r["id"]) for r in self._latest_submissions(c, round_id)}
+            closure = c.execute("SELECT submission_ids FROM round_closures WHERE round_id = ?", (round_id,)).fetchone()
+            used = set(json.loads(closure["submission_ids"])) if closure is not None else set()
             subs = c.execute("SELECT s.id, s.best_image_id, s.created_at, e.name AS evaluator FROM submissions s "
                              "JOIN evaluators e ON e.id = s.evaluator_id WHERE s.round_id = ? ORDER BY s.id",
                              (round_id,)).fetchall()
@@ -759,7 +827,7 @@ class FeedbackStore:
                     "SELECT image_id, label FROM labels WHERE submission_id = ? ORDER BY image_id", (s["id"],))}
                 out.append({"submission_id": int(s["id"]), "evaluator": s["evaluator"], "labels": labels,
                             "best_image_id": s["best_image_id"], "created_at": s["created_at"],
-                            "superseded": int(s["id"]) not in latest})
+                            "superseded": int(s["id"]) not in latest, "used": int(s["id"]) in used})
         return out
 
     # ------------------------------------------------------------------ export
@@ -786,7 +854,7 @@ class FeedbackStore:
                 rows.append({
                     "run_id": run_id, "run": run["name"], "round_id": info.id, "iteration": info.iteration,
                     "prompt": info.prompt, "evaluator": sub["evaluator"], "submission_id": sub["submission_id"],
-                    "created_at": sub["created_at"], "superseded": sub["superseded"],
+                    "created_at": sub["created_at"], "superseded": sub["superseded"], "used": sub["used"],
                     "evaluators_required": info.evaluators_required,
                     "previous_best_image_id": info.previous_best_image_id,
                     "best_image_id": best, "best_sha256": images[best]["sha256"] if best is not None else None,
@@ -798,6 +866,52 @@ class FeedbackStore:
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
         _write_atomic(path, data)
         return len(rows)
+
+
+def _planned_rounds(config: dict) -> int | None:
+    """``feedback.rounds`` of a run's config, if it has one (for "round N of M")."""
+    rounds = (config.get("feedback") or {}).get("rounds") if isinstance(config, dict) else None
+    return int(rounds) if isinstance(rounds, int) and not isinstance(rounds, bool) else None
+
+
+def _ranges(positions: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts, start = [], None
+    for k, p in enumerate(positions):
+        if start is None:
+            start = p
+        if k + 1 == len(positions) or positions[k + 1] != p + 1:
+            parts.append(str(start) if start == p else f"{start}-{p}")
+            start = None
+    return ", ".join(parts)
+
+
+def _seed_difference(stored: list[dict], new: list[dict]) -> str:
+    """", sampling seed 0 stored, 1 now" when the images' metadata record different ``seed`` values."""
+    old_seeds = sorted({str(m["seed"]) for m in stored if "seed" in m})
+    new_seeds = sorted({str(m["seed"]) for m in new if "seed" in m})
+    if old_seeds and new_seeds and old_seeds != new_seeds:
+        return f"; sampling seed {', '.join(old_seeds)} stored, {', '.join(new_seeds)} now"
+    return ""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """The fields that differ between two nested configs, as ``"field: old -> new"`` lines (sorted)."""
+    a, b = _flatten(old), _flatten(new)
+
+    def shown(flat: dict, key: str) -> str:
+        return repr(flat[key]) if key in flat else "(unset)"
+    return [f"{key}: {shown(a, key)} -> {shown(b, key)}" for key in sorted(set(a) | set(b))
+            if key not in a or key not in b or a[key] != b[key]]
 
 
 def _json_default(value: Any) -> Any:

@@ -134,6 +134,10 @@
   async function submit() {
     if (state.submitting) return;
     const round = state.round;
+    if (round.state === "closed") {
+      say("Not submitted: this round is closed (training already used its labels).", "error");
+      return;
+    }
     const evaluator = nameInput.value.trim();
     if (!evaluator) {
       say("Enter your name first (top right), so your labels are attributed.", "warn");
@@ -169,9 +173,13 @@
       await offerNext();
     } catch (err) {
       say("Not submitted: " + err.message, "error");
+      if (err.status === 409) {  // closed meanwhile: show it, and where to go on
+        await refresh(false).catch(() => {});
+        await offerNext();
+      }
     } finally {
       state.submitting = false;
-      $("submit").disabled = false;
+      $("submit").disabled = state.round.state === "closed";
     }
   }
 
@@ -211,6 +219,14 @@
     } else {
       mine.hidden = true;
     }
+    // A closed round: training has read it, so a submission would change nothing (the server answers 409).
+    const closed = $("closed");
+    closed.hidden = round.state !== "closed";
+    if (round.state === "closed") {
+      closed.textContent = `This round is closed: the training loop used its labels on ${fmtTime(round.closed_at)} ` +
+        `(${round.labels_used} labels). New labels are no longer accepted here; label the open round instead.`;
+    }
+    $("submit").disabled = round.state === "closed";
     render();
   }
 

@@ -35,7 +35,8 @@
       document.getElementById("crumbs").replaceChildren(el("span", {}, `run ${run.name}`));
       const success = Object.entries(run.metrics).find(([k]) => /success/i.test(k));
       document.getElementById("stats").replaceChildren(
-        stat("iteration", run.iteration === null ? "–" : String(run.iteration)),
+        stat("round", run.iteration === null ? "–"
+          : `${run.iteration + 1}${run.planned_rounds ? " of " + run.planned_rounds : ""}`),
         stat("labels used", String(run.labels_used)),
         stat("open rounds", String(run.open_rounds)),
         measuredSuccess(run, success));
@@ -50,7 +51,7 @@
         : el("p", { class: "empty" }, "No metric recorded yet."));
       document.getElementById("rounds").replaceChildren(run.rounds.length
         ? el("table", {}, el("thead", {}, el("tr", {}, ...["Iteration", "Round", "Prompt", "Evaluators",
-          "Labels", "Measured success", "Status"].map((h) => el("th", {}, h)))),
+          "Labels used", "Measured success", "Status"].map((h) => el("th", {}, h)))),
         el("tbody", {}, ...run.rounds.slice().reverse().map((r) => el("tr", {},
           el("td", { class: "num" }, String(r.iteration)),
           el("td", {}, el("a", { href: `/rounds/${r.id}` }, `#${r.id}`)),
@@ -58,8 +59,9 @@
           el("td", { class: "num" }, `${r.evaluators_submitted.length} / ${r.evaluators_required}`),
           el("td", { class: "num" }, String(r.labels_used)),
           el("td", { class: "num" }, fmtPercent(r.measured_success)),
-          el("td", {}, r.complete ? el("span", { class: "tag good" }, "complete")
-            : el("a", { href: `/rounds/${r.id}`, class: "button" }, "Label →"))))))
+          el("td", {}, r.state === "closed" ? el("span", { class: "tag good" }, "closed · trained on")
+            : r.complete ? el("span", { class: "tag" }, "complete · training reads it")
+              : el("a", { href: `/rounds/${r.id}`, class: "button" }, "Label →"))))))
         : el("p", { class: "empty" }, "No round yet."));
       document.getElementById("config").textContent = JSON.stringify(run.config, null, 2);
     } catch (err) {
