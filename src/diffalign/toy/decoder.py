@@ -20,7 +20,6 @@ takes the UNet's latents as they are (the VAE's are those divided by its scaling
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +79,7 @@ def make_dataset(pipe, cfg: DecoderTrainConfig, log=print) -> dict:
 def train_decoder(cfg: DecoderTrainConfig, pipe=None, log=print) -> Path:
     """Distil the toy VAE's decoder into ``build_tiny_autoencoder()``; export it in diffusers layout."""
     from ..pipeline import load_pipeline
+    from .train import _atomic_save  # tmp file + rename: a killed run never leaves a half-written checkpoint
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,9 +127,3 @@ def train_decoder(cfg: DecoderTrainConfig, pipe=None, log=print) -> Path:
         err = (full - y[:256]).abs().mean().item() * 127.5
     log(f"exported {target}: mean |difference| to the VAE's decode {err:.1f} grey levels (of 255)")
     return target
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
