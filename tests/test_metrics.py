@@ -63,3 +63,24 @@ def test_diversity_is_per_prompt():
     imgs[3, 48:, 48:] = (0, 0, 255)  # prompt b: two different images
     d = diversity(imgs, ["a", "a", "b", "b"])
     assert d == pytest.approx((1.0 + 2.0) / 2, abs=0.05)
+
+
+def test_clip_embedding_loads_a_local_model_offline(tmp_path):
+    """The semantic embedding for real models, on a tiny random CLIP vision tower saved here (nothing downloaded)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from diffalign.metrics import clip_embedding
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    embed = clip_embedding(str(tmp_path / "clip"))
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    emb = embed(imgs)
+    assert emb.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    same = embed(np.stack([imgs[0], imgs[0]]))
+    assert vendi_score(same) == pytest.approx(1.0, abs=1e-6)
+    assert diversity(imgs, embed=embed) >= 1.0
