@@ -79,9 +79,12 @@ def test_rollback_restores_the_best_passing_check(tiny_pipe_dir, tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert lines[2]["guard/rolled_back_to_epoch"] == 1  # best by the guard reward: 0.9 at epoch 1
     assert "guard 'reward:python' tripped at epoch 3: 0.1000 < limit 0.5000 (base model 1.0000)" in result.stopped_by
-    final = load_file(str(result.lora_dir / "pytorch_lora_weights.safetensors"))
-    epoch1 = load_file(str(run / "checkpoints" / "checkpoint-1" / "lora.safetensors"))
-    epoch2 = load_file(str(run / "checkpoints" / "checkpoint-2" / "lora.safetensors"))
+    # The published LoRA names its modules as the family's pipeline does ("unet." prefix), checkpoints do not.
+    def lora(path):
+        return {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    final = lora(result.lora_dir / "pytorch_lora_weights.safetensors")
+    epoch1 = lora(run / "checkpoints" / "checkpoint-1" / "lora.safetensors")
+    epoch2 = lora(run / "checkpoints" / "checkpoint-2" / "lora.safetensors")
     assert final.keys() == epoch1.keys()
     assert all(torch.equal(final[k], epoch1[k]) for k in final)
     assert not all(torch.equal(final[k], epoch2[k]) for k in final)

@@ -14,7 +14,7 @@ BRIGHT = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewar
 
 
 def test_toy_filter_flags_images_with_red_objects():
-    prompts = ["two red circles", "three blue squares", "a red triangle to the left of a green circle",
+    prompts = ["two red circles", "three blue squares", "a red triangle left of a green circle",
                "one yellow circle"]
     images = np.stack([render_scene(p, seed).image for seed, p in enumerate(prompts)])
     assert ToyRedObjects()(images, prompts, [{}] * 4).tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -29,7 +29,7 @@ def test_flagged_images_are_counted_and_penalised():
     base, _ = plain(images, prompts, [{}] * 4)
     total, info = filtered(images, prompts, [{}] * 4, batch=0)
     np.testing.assert_allclose(total, base - 2.0 * np.array([1, 0, 1, 0]))
-    assert info["safety_flagged_rate"] == 0.5 and "toy_partial" in info
+    assert info["safety_flagged_rate"] == 0.5 and "toy" in info
 
 
 def test_without_a_filter_the_reward_is_unchanged():
