@@ -156,3 +156,18 @@ def test_cli_prints_the_table_and_json(panel):
     assert sorted(json.loads(as_json.output)["flagged"]) == sorted(BIASED)
     missing = CliRunner().invoke(app, ["feedback", "agreement", "--store", str(store.directory), "--run", "nope"])
     assert missing.exit_code != 0 and "run: no run named 'nope'" in missing.output
+
+
+def test_run_page_api_and_report_section(panel):
+    from fastapi.testclient import TestClient
+
+    from diffalign.feedback.agreement import report_html
+    from diffalign.feedback.server import create_app
+
+    store, run = panel
+    with TestClient(create_app(store)) as client:
+        got = client.get(f"/api/runs/{run}/agreement")
+        assert got.status_code == 200 and sorted(got.json()["flagged"]) == sorted(BIASED)
+        assert client.get("/api/runs/999/agreement").status_code == 404
+    section = report_html(store.agreement(run))
+    assert section.count("<b>flagged</b>") == 2 and "colour=blue" in section and "Fleiss" in section

@@ -286,4 +286,34 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LabeledRound", "Thresholds", "agreement_report", "format_report", "toy_image_attributes"]
+def report_html(report: dict) -> str:
+    """The report as an HTML section (tables, every text escaped) for the feedback report."""
+    import html
+
+    e = html.escape
+    th = report["thresholds"]
+    fo = report["fleiss"]["overall"]
+    rows = "".join(
+        f"<tr><td>{e(r['evaluator'])}</td><td>{r['items']}</td><td>{_fmt(r['good_rate'], '.0%')}</td>"
+        f"<td>{_fmt(r['agreement'], '.0%')}</td><td>{_fmt(r['mean_kappa'])}</td>"
+        f"<td>{'<b>flagged</b>' if r['flagged'] else 'ok'}{' (excluded)' if r['excluded'] else ''}"
+        f"{''.join(f'<br><small>{e(f)}</small>' for f in r['flags'])}</td></tr>" for r in report["evaluators"])
+    pairs = "".join(f"<tr><td>{e(p['a'])}</td><td>{e(p['b'])}</td><td>{p['n']}</td>"
+                    f"<td>{_fmt(p['agreement'], '.0%')}</td><td>{_fmt(p['kappa'])}</td></tr>" for p in report["pairwise"])
+    rounds = "".join(f"<tr><td>{r['iteration'] + 1}</td><td>{e(r['prompt'])}</td><td>{r['items']} x {r['raters']}</td>"
+                     f"<td>{_fmt(r['kappa'], '.3f')}</td></tr>" for r in report["fleiss"]["rounds"])
+    return (
+        "<section id='agreement'><h2>Evaluator agreement</h2>"
+        f"<p>Fleiss' kappa overall: {_fmt(fo['kappa'], '.3f')} ({fo['items']} images x {fo['raters']} evaluators). "
+        f"Flagged when agreement with the others' majority is below {th['min_agreement']:.0%}, or a good-rate gap "
+        f"of at least {th['max_rate_gap']:.0%} is backed by McNemar p &lt; {th['alpha']} (over at least "
+        f"{th['min_items']} images).</p>"
+        "<table><tr><th>evaluator</th><th>images</th><th>good</th><th>agrees with others</th>"
+        f"<th>mean Cohen's kappa</th><th>status</th></tr>{rows}</table>"
+        + (f"<h3>Cohen's kappa, pairwise</h3><table><tr><th>a</th><th>b</th><th>images</th><th>agree</th>"
+           f"<th>kappa</th></tr>{pairs}</table>" if pairs else "")
+        + f"<h3>Fleiss' kappa per round</h3><table><tr><th>round</th><th>prompt</th><th>images x evaluators</th>"
+        f"<th>kappa</th></tr>{rounds}</table></section>")
+
+
+__all__ = ["LabeledRound", "Thresholds", "agreement_report", "format_report", "report_html", "toy_image_attributes"]

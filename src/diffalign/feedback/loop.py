@@ -203,10 +203,19 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
             store.export_jsonl(run_id, out / "feedback.jsonl")
             from ..report import write_feedback_report
             report = write_feedback_report(out)
+            _add_agreement(report, store, run_id)
             log(f"feedback report: {report}")
         finally:
             store.close()  # checkpoints the WAL: feedback.sqlite alone then holds every label
     return FeedbackResult(out, result.lora_dir, trainer.state.history, labels_used)
+
+
+def _add_agreement(report: Path, store: FeedbackStore, run_id: int) -> None:
+    """Put the agreement table into the feedback report (before its end: the report itself is report.py's)."""
+    from .agreement import report_html
+
+    text = report.read_text()
+    report.write_text(text.replace("</body>", report_html(store.agreement(run_id)) + "</body>", 1))
 
 
 def _public_config(cfg: RunConfig) -> RunConfig:
