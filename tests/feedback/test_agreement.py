@@ -171,3 +171,20 @@ def test_run_page_api_and_report_section(panel):
         assert client.get("/api/runs/999/agreement").status_code == 404
     section = report_html(store.agreement(run))
     assert section.count("<b>flagged</b>") == 2 and "colour=blue" in section and "Fleiss" in section
+
+
+def test_cli_exclude_records_who_decided(store, images):
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    run = store.create_run("cli")
+    imgs, _ = images.mixed("one red square", 4, seed=5)
+    info = store.create_round(run, 0, "one red square", imgs)
+    store.submit(info.id, "coin", {i: "bad" for i in info.image_ids}, None)
+    args = ["feedback", "exclude", "coin", "--store", str(store.directory), "--by", "dana", "--reason", "test"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "coin: excluded from aggregation" in result.output
+    assert store.audit_log(run)[0]["actor"] == "dana" and not store.round_complete(info.id)
+    nobody = CliRunner().invoke(app, ["feedback", "exclude", "zed", "--store", str(store.directory), "--by", "dana"])
+    assert nobody.exit_code != 0 and "evaluator: 'zed' has labeled nothing" in nobody.output
