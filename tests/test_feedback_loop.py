@@ -31,6 +31,12 @@ def test_simulated_session_runs_and_counts_clicks(tiny_pipe_dir, tmp_path, algor
     assert rows
     store = FeedbackStore(out / "feedback")
     assert len(store.list_runs()) == 1
+    # The toy judge's attributes ride along in the image metadata; the report carries the agreement table.
+    run_id = store.list_runs()[0]["id"]
+    first = store.labeled_rounds(run_id)[0]
+    assert set(first.labels) == {"simulated"} and len(first.attributes) == 4
+    assert all(set(a) == {"colour", "shape", "count"} for a in first.attributes.values())
+    assert "Evaluator agreement" in (out / "feedback_report.html").read_text()
 
 
 def test_resumed_session_reuses_rounds_and_labels(tiny_pipe_dir, tmp_path):

@@ -179,6 +179,67 @@ def feedback_backup(store: Path = typer.Option(..., "--store", help="The feedbac
     _run(go)
 
 
+def _feedback_run(store, run: str | None) -> int:
+    """The id of run ``run`` in a feedback store, or of its latest run; FeedbackError naming the choices."""
+    from .feedback.store import FeedbackError
+
+    runs = store.list_runs()
+    if not runs:
+        raise FeedbackError(f"run: the feedback store {store.directory} holds no run yet")
+    if run is None:
+        return runs[-1]["id"]
+    for r in runs:
+        if r["name"] == run:
+            return r["id"]
+    raise FeedbackError(f"run: no run named {run!r} in {store.directory}; its runs: {', '.join(r['name'] for r in runs)}")
+
+
+StoreOpt = typer.Option(..., "--store", help="The feedback store directory (<output_dir>/feedback).")
+RunNameOpt = typer.Option(None, "--run", help="The run's name (default: the store's latest run).")
+
+
+@feedback_app.command("agreement")
+def feedback_agreement(store: Path = StoreOpt, run: str = RunNameOpt,
+                       as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+                       min_agreement: float = typer.Option(0.75, help="Flag agreement with the others' majority "
+                                                           "below this."),
+                       max_rate_gap: float = typer.Option(0.25, help="Flag a good-rate gap to the others' majority "
+                                                          "of at least this (with McNemar p < --alpha)."),
+                       alpha: float = typer.Option(0.05, help="Significance level of McNemar's exact test."),
+                       min_items: int = typer.Option(10, help="Never flag on fewer images than this.")):
+    """How far the evaluators agree (Cohen's and Fleiss' kappa) and whose "good" rate leans (flags with evidence)."""
+    import json as _json
+
+    from .feedback.agreement import Thresholds, format_report
+    from .feedback.store import FeedbackStore
+
+    def go():
+        if not (store / "feedback.sqlite").is_file():
+            raise FileNotFoundError(f"store: no feedback store in {store} (feedback.sqlite missing)")
+        th = Thresholds(min_agreement=min_agreement, max_rate_gap=max_rate_gap, alpha=alpha, min_items=min_items)
+        with FeedbackStore(store) as s:
+            report = s.agreement(_feedback_run(s, run), th)
+        typer.echo(_json.dumps(report, indent=1) if as_json else format_report(report))
+    _run(go)
+
+
+@feedback_app.command("exclude")
+def feedback_exclude(evaluator: str = typer.Argument(..., help="The evaluator whose labels stop counting."),
+                     store: Path = StoreOpt, run: str = RunNameOpt,
+                     by: str = typer.Option(..., "--by", help="Who decides (recorded in the audit log)."),
+                     reason: str = typer.Option("", help="Why (recorded in the audit log)."),
+                     undo: bool = typer.Option(False, "--undo", help="Count the evaluator's labels again.")):
+    """Exclude an evaluator's labels from the open and later rounds (closed rounds keep what trained)."""
+    from .feedback.store import FeedbackStore
+
+    def go():
+        with FeedbackStore(store) as s:
+            result = s.exclude_evaluator(_feedback_run(s, run), evaluator, decided_by=by, reason=reason, include=undo)
+        state = "excluded from" if result["excluded"] else "counted again in"
+        typer.echo(f"{result['evaluator']}: {state} aggregation" + ("" if result["changed"] else " (already)"))
+    _run(go)
+
+
 @app.command()
 def rewards():
     """List the built-in rewards."""

@@ -203,10 +203,19 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
             store.export_jsonl(run_id, out / "feedback.jsonl")
             from ..report import write_feedback_report
             report = write_feedback_report(out)
+            _add_agreement(report, store, run_id)
             log(f"feedback report: {report}")
         finally:
             store.close()  # checkpoints the WAL: feedback.sqlite alone then holds every label
     return FeedbackResult(out, result.lora_dir, trainer.state.history, labels_used)
+
+
+def _add_agreement(report: Path, store: FeedbackStore, run_id: int) -> None:
+    """Put the agreement table into the feedback report (before its end: the report itself is report.py's)."""
+    from .agreement import report_html
+
+    text = report.read_text()
+    report.write_text(text.replace("</body>", report_html(store.agreement(run_id)) + "</body>", 1))
 
 
 def _public_config(cfg: RunConfig) -> RunConfig:
@@ -268,10 +277,11 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
     if main:
         images = to_uint8_images(all_images)
         # 3. The round in the store (the same round again after a restart).
+        metadata = [{"index": i, "seed": cfg.train.seed, "round": r} for i in range(len(images))]
+        for meta, attrs in zip(metadata, _image_attributes(images, prompt) or [], strict=False):
+            meta["attributes"] = attrs  # what the agreement statistics break "good" rates down by
         info = store.create_round(run_id, r, prompt, list(images), evaluators_required=fb.evaluators_required,
-                                  previous_best_image_id=state.previous_best_image_id,
-                                  image_metadata=[{"index": i, "seed": cfg.train.seed, "round": r}
-                                                  for i in range(len(images))])
+                                  previous_best_image_id=state.previous_best_image_id, image_metadata=metadata)
         round_id = info.id
         from PIL import Image
 
@@ -341,6 +351,18 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
                 store.set_run_metric(run_id, "success", success, iteration=r)
         record["trajectories"] = (r + 1) * fb.images_per_round
     return _broadcast(acc, record)
+
+
+def _image_attributes(images: np.ndarray, prompt: str) -> list[dict] | None:
+    """The toy judge's colours, shapes and count per image, for toy-world prompts (else None)."""
+    from ..toy.scenes import parse_prompt
+    from .agreement import toy_image_attributes
+
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return None  # not the toy world: the judge would describe shapes that are not there
+    return toy_image_attributes(images)
 
 
 def _hero_inputs(hero: HERO, final_latents: torch.Tensor, traj: Trajectories, unet) -> torch.Tensor:

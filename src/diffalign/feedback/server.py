@@ -254,6 +254,11 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
         """A run: current iteration, labels used so far, measured metrics, and its rounds."""
         return store.run_summary(run_id)
 
+    @app.get("/api/runs/{run_id}/agreement", tags=["runs"])
+    def get_agreement(run_id: int) -> dict:
+        """How far the run's evaluators agree, and who is flagged for a lean (see docs/feedback.md)."""
+        return store.agreement(run_id)
+
     @app.get("/api/images/{image_id}.png", tags=["images"],
              responses={200: {"content": {"image/png": {}}}}, response_class=Response)
     def get_image(image_id: int, request: Request):

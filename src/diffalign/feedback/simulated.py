@@ -1,4 +1,8 @@
-"""A simulated evaluator: labels a round with the toy judge, through the same store API as a person's clicks."""
+"""A simulated evaluator: labels a round with the toy judge, through the same store API as a person's clicks.
+
+With a ``bias`` it labels like a person with a known lean, so the agreement statistics
+(:mod:`diffalign.feedback.agreement`) can be tested on evaluators whose bias is known exactly.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffalign.feedback.store import FeedbackStore
+
+
+def bias_names() -> list[str]:
+    """Every valid ``bias``: ``random``, and ``<colour or shape>_is_bad`` / ``_is_good`` for the toy world's."""
+    from diffalign.toy.scenes import COLORS, SHAPES
+
+    return ["random"] + [f"{kind}_is_{verdict}" for kind in (*COLORS, *SHAPES) for verdict in ("bad", "good")]
 
 
 @dataclass
@@ -20,6 +31,11 @@ class SimulatedEvaluator:
     good - with the highest partial score. Then it calls :meth:`FeedbackStore.submit`, so the labels counted
     are exactly the clicks a person would have made.
 
+    ``bias`` overrides the judge: ``"random"`` labels every image good or bad by a fair coin (someone
+    clicking without looking); ``"blue_is_bad"`` labels every image in which the judge finds a blue object
+    bad (and ``"blue_is_good"`` good), likewise for the other colours and the shapes (``"circle_is_bad"``);
+    :func:`bias_names` lists them. Noise flips labels after the bias.
+
     The noise is seeded per ``(seed, round_id)``: labeling the same round again gives the same labels, so a
     restarted loop re-submits identically and the store keeps one submission.
     """
@@ -28,11 +44,24 @@ class SimulatedEvaluator:
     good_threshold: float | None = None
     noise_rate: float = 0.0
     seed: int = 0
+    bias: str | None = None
     last_result: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.noise_rate) <= 1.0:
             raise ValueError(f"noise_rate: must be in [0, 1], got {self.noise_rate}")
+        if self.bias is not None and self.bias not in bias_names():
+            raise ValueError(f"bias: unknown bias {self.bias!r}; use None or one of {', '.join(bias_names())}")
+
+    def _biased(self, judged_good: np.ndarray, judgements: list, rng: np.random.Generator) -> np.ndarray:
+        """The labels this evaluator's bias gives, where the bias decides (else the judge's)."""
+        if self.bias is None:
+            return judged_good
+        if self.bias == "random":
+            return rng.random(len(judged_good)) < 0.5
+        kind, verdict = self.bias.rsplit("_is_", 1)
+        hit = np.array([any(kind in (o.color, o.shape) for o in j.objects) for j in judgements], dtype=bool)
+        return np.where(hit, verdict == "good", judged_good)
 
     def _good(self, success: np.ndarray, partial: np.ndarray) -> np.ndarray:
         if self.good_threshold is None:
@@ -47,13 +76,14 @@ class SimulatedEvaluator:
         ids = list(info.image_ids)
         candidates = ids + ([info.previous_best_image_id] if info.previous_best_image_id is not None else [])
         images = np.stack([store.load_image(i) for i in candidates]).astype(np.uint8)
-        success, partial, _ = judge_batch(images, [info.prompt] * len(candidates))
+        success, partial, judgements = judge_batch(images, [info.prompt] * len(candidates))
         success = np.asarray(success, dtype=bool)
         partial = np.asarray(partial, dtype=np.float64)
-        judged_good = self._good(success, partial)
-
         rng = np.random.default_rng([int(self.seed), int(round_id)])
         flips = rng.random(len(ids)) < float(self.noise_rate)
+        # The bias draws from its own stream, so adding one leaves the noise of the other images unchanged.
+        judged_good = self._biased(self._good(success, partial), judgements,
+                                   np.random.default_rng([int(self.seed), int(round_id), 1]))
         good = judged_good[: len(ids)] ^ flips
         labels = {i: ("good" if g else "bad") for i, g in zip(ids, good, strict=True)}
 

@@ -27,6 +27,25 @@
     return stat("measured success (not yet)", "–");
   }
 
+  const fmtNum = (v) => (v === null || v === undefined ? "–" : v.toFixed(2));
+
+  function agreementTable(rep) {
+    // One row per evaluator; a flagged one lists its evidence (the thresholds are in each flag's text).
+    if (!rep.evaluators.length) return el("p", { class: "empty" }, "No labels yet.");
+    const fo = rep.fleiss.overall;
+    return el("div", {},
+      el("p", {}, `Fleiss' kappa overall: ${fmtNum(fo.kappa)} (${fo.items} images × ${fo.raters} evaluators)`),
+      el("table", { id: "agreement-table" }, el("thead", {}, el("tr", {}, ...["Evaluator", "Images", "Good",
+        "Agrees with others", "Mean Cohen's κ", "Status"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...rep.evaluators.map((r) => el("tr", { class: r.flagged ? "flagged" : "" },
+        el("td", {}, r.evaluator), el("td", { class: "num" }, String(r.items)),
+        el("td", { class: "num" }, fmtPercent(r.good_rate)), el("td", { class: "num" }, fmtPercent(r.agreement)),
+        el("td", { class: "num" }, fmtNum(r.mean_kappa)),
+        el("td", {}, r.flagged ? el("span", { class: "tag bad" }, "flagged") : el("span", { class: "tag good" }, "ok"),
+          r.excluded ? el("span", { class: "tag" }, `excluded by ${r.excluded.decided_by}`) : null,
+          ...r.flags.map((f) => el("div", { class: "flag" }, f))))))));
+  }
+
   async function load() {
     try {
       const run = await request("GET", `/api/runs/${runId}`);
@@ -63,6 +82,8 @@
             : r.complete ? el("span", { class: "tag" }, "complete · training reads it")
               : el("a", { href: `/rounds/${r.id}`, class: "button" }, "Label →"))))))
         : el("p", { class: "empty" }, "No round yet."));
+      const rep = await request("GET", `/api/runs/${runId}/agreement`);
+      document.getElementById("agreement").replaceChildren(agreementTable(rep));
       document.getElementById("config").textContent = JSON.stringify(run.config, null, 2);
     } catch (err) {
       document.getElementById("name").textContent = "Cannot load this run";
