@@ -97,7 +97,7 @@ def test_resume_falls_back_past_damaged_checkpoints_and_ends_identical(finished_
     text = "\n".join(messages)
     assert "ignoring checkpoint-2: no COMPLETE marker" in text
     assert "checkpoint-3 is damaged (lora.safetensors is" in text and "falling back to the previous checkpoint" in text
-    assert f"resumed from {run / 'checkpoints' / 'checkpoint-1'} (epoch 1)" in text
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-1'} (1 epoch(s) done; continuing with epoch 2" in text
     assert len(result.history) == 3
     ref = load_file(str(finished_run / "lora" / "pytorch_lora_weights.safetensors"))
     got = load_file(str(result.lora_dir / "pytorch_lora_weights.safetensors"))
