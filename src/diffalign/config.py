@@ -116,6 +116,10 @@ class DAGConfig(_Section):
         None, gt=0, description="DAG-DB: bound the weight a transition's DB residual puts on the policy's gradient by a "
         "Huber loss with this delta (in nats of the residual) instead of the square; unset: the paper's squared loss. "
         "A trust region for long runs at large beta, where the residual grows with beta (bench/RESULTS.md).")
+    flow_channels: list[int] = Field(
+        [32, 64, 64], min_length=1, description="Widths of the flow network's down blocks (one block per entry, each a "
+        "multiple of 16 for its group norm). The reference's is [64, 128, 256, 256] at 512 px; smaller is cheaper per "
+        "update (bench/RESULTS.md measures the epoch time and the reward of [16, 32, 32] on the toy model).")
     flow_warmup_epochs: int = Field(
         0, ge=0, description="Epochs at the start that train only the flow network (the policy frozen): a critic "
         "warm-up. They sample and count toward the trajectory budget like any epoch.")
@@ -127,6 +131,15 @@ class DAGConfig(_Section):
         True, description="Fit a per-step constant of log F(x_t) - log F(x_t') in closed form (running mean of the "
         "DB residual per step index), so the flow network only has to learn the state-dependent part.")
     step_baseline_decay: float = Field(0.9, ge=0, lt=1, description="Running-mean decay of that per-step constant.")
+
+    @field_validator("flow_channels")
+    @classmethod
+    def _flow_channels_fit_group_norm(cls, value: list[int]) -> list[int]:
+        bad = [w for w in value if w <= 0 or w % 16]
+        if bad:
+            raise ValueError(f"every width must be a positive multiple of 16 (the group norm has 16 groups); got {bad}: "
+                             f"use e.g. [16, 32, 32] or [32, 64, 64]")
+        return value
 
 
 class FeedbackConfig(_Section):
