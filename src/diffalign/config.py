@@ -168,8 +168,9 @@ class HEROConfig(_Section):
     encoder: Literal["unet-features", "latent-cnn"] = Field(
         "unet-features", description="What the embedding reads: the frozen base UNet's features of each final latent "
         "(a trained MLP on top), or the final latent itself through a small CNN trained from scratch (the reference).")
-    feature_block: str = Field("up_blocks.1", min_length=1, description="UNet module whose output is the feature "
-                               "('unet-features'), as a dotted path (e.g. 'mid_block', 'up_blocks.1').")
+    feature_block: str = Field("", description="Denoiser module whose output is the feature ('unet-features'), as "
+                               "a dotted path (e.g. 'mid_block', 'up_blocks.1', 'transformer_blocks.12'); empty: the "
+                               "family's default (up_blocks.1 for SD / SDXL, the middle transformer block for SD3).")
     feature_timestep: int = Field(50, ge=0, description="Noise level (scheduler timestep) at which features are read.")
     unlabeled_per_round: int = Field(
         0, ge=0, description="Extra images per round that nobody labels: sampled from fresh noise, rewarded by the "

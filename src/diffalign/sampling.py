@@ -263,7 +263,7 @@ def sample_trajectories(
     x = family.initial_latents(initial_noise.to(device=device, dtype=dtype))
     latents, log_probs, eps_all, cond_all = [x], [], [], []
     for t in timesteps:
-        model_in = family.scheduler.scale_model_input(x, t)
+        model_in = family.scale_model_input(x, t)
         eps, eps_cond = family.guided_and_conditional(denoiser, model_in, t, cond, guidance_scale)
         x, log_prob = family.step(eps, t, x, eta=eta, generator=generator, reduction=reduction)
         latents.append(x)
