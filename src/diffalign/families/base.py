@@ -156,6 +156,10 @@ class Family:
         """(x_t', log p(x_t' | x_t)) of shape ((B, C, h, w), (B,)); scores ``prev_sample`` if given."""
         raise NotImplementedError
 
+    def step_mean_std(self, prediction, timestep, sample, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's Gaussian N(mean, std^2 I) in fp32 (the closed-form KL of GRPO's reference term needs it)."""
+        raise NotImplementedError
+
     def x0_hat(self, prediction, timestep, sample) -> torch.Tensor:
         raise NotImplementedError
 

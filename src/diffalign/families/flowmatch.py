@@ -83,26 +83,32 @@ class FlowMatchFamily(Family):
         return noise  # s = 1: x_1 is the noise
 
     # -- the step -----------------------------------------------------------------------------------
-    def step(self, prediction, timestep, sample, eta, prev_sample=None, generator=None, reduction="mean"):
-        """The SDE step of the module docstring: (x_s', log p(x_s' | x_s)). ``eta`` is Flow-GRPO's noise level a.
-        With a = 0 the step is the stock Euler step and has no density: sampling returns NaN log-probs, scoring
-        a given x_s' is refused (training needs a > 0, which the config enforces)."""
-        out_dtype = sample.dtype
+    def step_mean_std(self, prediction, timestep, sample, eta):
+        """The SDE step's Gaussian of the module docstring (fp32); ``eta`` is Flow-GRPO's noise level a > 0."""
+        if eta <= 0:
+            raise ValueError("eta must be > 0 to score a step: with noise level 0 the step has no density")
         v, x = prediction.float(), sample.float()
         s, s_next, _ = self._grid(timestep, x.device)
         s, s_next = _view(s, x), _view(s_next, x)
         dt = s_next - s
-        if eta <= 0:
-            if prev_sample is not None:
-                raise ValueError("eta must be > 0 to score a step: with noise level 0 the step has no density")
-            return (x + dt * v).to(out_dtype), torch.full((x.shape[0],), float("nan"), device=x.device)
         second = self.scheduler.sigmas[1].item()  # the largest sigma below 1, for g at s = 1
         s_safe = torch.where(s >= 1.0, torch.full_like(s, second), s)
         g = eta * torch.sqrt(s_safe / (1 - s_safe))
         mean = x + (v + g**2 / (2 * s) * (x + (1 - s) * v)) * dt
-        std = g * torch.sqrt(-dt)
+        return mean, g * torch.sqrt(-dt)
+
+    def step(self, prediction, timestep, sample, eta, prev_sample=None, generator=None, reduction="mean"):
+        """(x_s', log p(x_s' | x_s)). With a = 0 the step is the stock Euler step and has no density: sampling
+        returns NaN log-probs, scoring a given x_s' is refused (training needs a > 0, which the config enforces)."""
+        out_dtype = sample.dtype
+        if eta <= 0 and prev_sample is None:
+            v, x = prediction.float(), sample.float()
+            s, s_next, _ = self._grid(timestep, x.device)
+            nxt = x + (_view(s_next, x) - _view(s, x)) * v
+            return nxt.to(out_dtype), torch.full((x.shape[0],), float("nan"), device=x.device)
+        mean, std = self.step_mean_std(prediction, timestep, sample, eta)
         if prev_sample is None:
-            noise = randn_tensor(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         return prev_sample.to(out_dtype), gaussian_log_prob(prev_sample, mean, std.expand_as(mean), reduction)
