@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diffalign.feedback.compare_app import add_compare_routes
 from diffalign.feedback.store import FeedbackError, FeedbackStore, NotFoundError
 
 STATIC_DIR = Path(str(resources.files("diffalign.feedback") / "static"))
@@ -200,6 +201,8 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
     def run_page(run_id: int):
         store.run_summary(run_id)
         return _page("run.html")
+
+    add_compare_routes(app, store, _page)  # the blind A/B page (compare_app.py)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
