@@ -89,3 +89,16 @@ def hide(image: np.ndarray, radius: float = 8.0) -> np.ndarray:
     im = Image.fromarray(np.asarray(image, dtype=np.uint8)).filter(ImageFilter.GaussianBlur(radius))
     w, h = im.size
     return np.asarray(im.resize((max(1, w // 8), max(1, h // 8))).resize((w, h), Image.NEAREST))
+
+
+def hide_flagged(images: np.ndarray, prompts: list[str], safety) -> tuple[np.ndarray, list[str | None]]:
+    """``images`` (N, H, W, 3) uint8 with those the configured filter flags hidden, and the reasons (None: shown).
+    Without ``safety.filter`` the images come back as they are."""
+    if safety.filter is None:
+        return images, [None] * len(images)
+    reasons = flag_reasons(build_filter(safety.filter, safety.args), safety.threshold, images, prompts)
+    out = np.array(images, copy=True)
+    for i, reason in enumerate(reasons):
+        if reason:
+            out[i] = hide(out[i])
+    return out, reasons

@@ -19,3 +19,8 @@ def wrong_count(images, prompts, metadata):
 
 def raises(images, prompts, metadata):
     raise RuntimeError("scoring backend unavailable")
+
+
+def every_other(images, prompts, metadata):
+    """An unsafety score of 1 for images 0, 2, 4, ... of each call: a filter that flags exactly half."""
+    return (np.arange(len(images)) % 2 == 0).astype(np.float64)

@@ -42,6 +42,7 @@ from ..algorithms.hero import HERO, RoundLabels, UNetFeatures
 from ..config import RunConfig, dump_config, redacted_dump
 from ..prompts import resolve_prompts
 from ..rewards import to_uint8_images
+from ..safety import hide_flagged
 from ..sampling import Trajectories, sample_trajectories
 from ..trainer import Trainer, _local_slice, epoch_generator, mean_over_processes
 from .store import FeedbackStore
@@ -273,20 +274,27 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
         round_traj = None
         all_images, final_latents, initial_noise = (_gather_tensor(acc, t) for t in (
             traj.images, traj.latents[:, -1], traj.initial_noise))
-    round_id = None
+    round_id, n_flagged = None, 0
     if main:
         images = to_uint8_images(all_images)
         # 3. The round in the store (the same round again after a restart).
         metadata = [{"index": i, "seed": cfg.train.seed, "round": r} for i in range(len(images))]
         for meta, attrs in zip(metadata, _image_attributes(images, prompt) or [], strict=False):
             meta["attributes"] = attrs  # what the agreement statistics break "good" rates down by
+        # The safety filter sits between the sampler and people: a flagged image is stored (training needs its
+        # trajectory) but never served; the app shows the reason, and it counts as bad (safety.py).
+        shown, reasons = hide_flagged(images, [prompt] * len(images), cfg.safety)
+        for meta, reason in zip(metadata, reasons, strict=True):
+            if reason:
+                meta["flagged"] = reason
+        n_flagged = sum(map(bool, reasons))
         info = store.create_round(run_id, r, prompt, list(images), evaluators_required=fb.evaluators_required,
                                   previous_best_image_id=state.previous_best_image_id, image_metadata=metadata)
         round_id = info.id
         from PIL import Image
 
         from ..report import image_grid
-        Image.fromarray(image_grid(images, columns=8)).save(Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
+        Image.fromarray(image_grid(shown, columns=8)).save(Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
         # 4. Labels.
         if evaluator == "simulated":
             if not store.round_complete(round_id):
@@ -306,6 +314,8 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
     # 5. Targets.
     record: dict = {"round": r + 1, "prompt": prompt, "good": int(good.sum()), "best_index": feedback.best_index,
                     "best_is_previous": best_is_previous}
+    if cfg.safety.filter is not None:
+        record["safety_flagged"] = int(_broadcast(acc, n_flagged if main else None))  # hidden from evaluators
     if cfg.feedback.algorithm == "d3po":
         groups = [list(range(g, g + cfg.d3po.group_size)) for g in range(0, len(good), cfg.d3po.group_size)]
         pairs = preference_pairs(good.tolist(), feedback.best_index, groups)

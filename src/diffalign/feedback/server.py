@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffalign.feedback.compare_app import add_compare_routes
+from diffalign.feedback.compare_app import HiddenImageError, add_compare_routes
 from diffalign.feedback.store import FeedbackError, FeedbackStore, NotFoundError
 
 STATIC_DIR = Path(str(resources.files("diffalign.feedback") / "static"))
@@ -267,6 +267,8 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
     def get_image(image_id: int, request: Request):
         """An image by id (PNG). Content-addressed, so it is cached as immutable."""
         meta = store.image_info(image_id)
+        if meta["metadata"].get("flagged"):  # never sent to anyone: the page shows the reason instead
+            raise HiddenImageError(f"image {image_id} is hidden by the safety filter ({meta['metadata']['flagged']})")
         path = store.image_path(image_id)  # refuses a path outside the store's images/ folder
         if not path.is_file():
             raise NotFoundError(f"image_id: the file of image {image_id} is missing from the store")
@@ -281,8 +283,10 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
 
 def _image_json(store: FeedbackStore, image_id: int) -> dict:
     meta = store.image_info(image_id)
+    reason = meta["metadata"].get("flagged") or None  # the safety filter's: no URL, only why
     return {"id": meta["id"], "round_id": meta["round_id"], "position": meta["position"], "sha256": meta["sha256"],
-            "width": meta["width"], "height": meta["height"], "url": f"/api/images/{meta['id']}.png"}
+            "width": meta["width"], "height": meta["height"], "flagged": bool(reason), "flag_reason": reason,
+            "url": None if reason else f"/api/images/{meta['id']}.png"}
 
 
 def _plain(value: Any) -> Any:

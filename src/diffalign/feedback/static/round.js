@@ -27,8 +27,17 @@
     return state.round.previous_best !== null && state.round.previous_best.id === id;
   }
 
+  function isHidden(id) {
+    const image = state.round.images.find((im) => im.id === id);
+    return Boolean(image && image.flagged);
+  }
+
   function setLabel(id, label) {
     if (isPrevious(id)) return;
+    if (isHidden(id)) {  // never shown, so it stays bad (the server labels it bad in any case)
+      say("This image was hidden by the safety filter; it counts as bad.", "warn");
+      return;
+    }
     state.labels.set(id, label);
     if (label === "bad" && state.best === id) state.best = null;
     render();
@@ -73,10 +82,13 @@
     const badge = previous
       ? el("span", { class: "badge prev" }, "last round")
       : el("span", { class: "badge " + (label || "unlabeled") }, label || "unlabeled");
-    const img = el("img", {
-      src: image.url, width: 160, height: 160, alt: (previous ? "previous best image" : "image " + (index + 1)),
-      draggable: "false",
-    });
+    const img = image.flagged
+      ? el("div", { class: "ab-hidden small-hidden", title: image.flag_reason },
+        el("strong", {}, "Hidden"), el("span", {}, image.flag_reason))
+      : el("img", {
+        src: image.url, width: 160, height: 160, alt: (previous ? "previous best image" : "image " + (index + 1)),
+        draggable: "false",
+      });
     const node = el("figure", {
       class: cls.filter(Boolean).join(" "),
       "data-image-id": String(id),
@@ -219,6 +231,7 @@
     } else {
       mine.hidden = true;
     }
+    for (const im of round.images) if (im.flagged) state.labels.set(im.id, "bad");
     // A closed round: training has read it, so a submission would change nothing (the server answers 409).
     const closed = $("closed");
     closed.hidden = round.state !== "closed";
