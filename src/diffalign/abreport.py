@@ -43,13 +43,15 @@ def _image_cell(store, pair: dict, model: str) -> str:
 
 
 def pairs_html(store, comparison_id: int, choices: list[dict]) -> str:
-    """Up to PAIRS_SHOWN_PER_PROMPT pairs of each prompt: A's image, B's image, and the picks."""
+    """Up to PAIRS_SHOWN_PER_PROMPT pairs of each prompt, those someone preferred a side of first (with many
+    ties, the first few pairs would otherwise show identical images): A's image, B's image, and the picks."""
     picks: dict[int, list[str]] = {}
     for c in choices:
         picks.setdefault(c["pair_id"], []).append(f"{c['evaluator']}: {c['choice'].upper() if c['choice'] != 'none' else 'no preference'}")
     shown: dict[str, int] = {}
     rows = []
-    for pair in store.pairs(comparison_id):
+    decisive = {c["pair_id"] for c in choices if c["choice"] != "none"}
+    for pair in sorted(store.pairs(comparison_id), key=lambda p: (p["pair_id"] not in decisive, p["position"])):
         if shown.get(pair["prompt"], 0) >= PAIRS_SHOWN_PER_PROMPT:
             continue
         shown[pair["prompt"]] = shown.get(pair["prompt"], 0) + 1
