@@ -9,7 +9,9 @@ Version history (``PRAGMA user_version``, also appended to the ``schema_version`
    run configs and the audit log: the labels are append-only in the database, not by convention.
 3. Blind A/B comparisons (``diffalign compare``): ``comparisons`` (what was compared, with which settings),
    ``comparison_pairs`` (one prompt, one shared noise, model A's and model B's image, and which side the
-   page shows A on) and ``comparison_choices`` (an evaluator's pick of a pair), all append-only like labels.
+   page shows A on) and ``comparison_choices`` (an evaluator's pick of a pair), all append-only like labels;
+   ``image_embeddings``: HERO's feedback-aligned embedding of every labelled image as each round's encoder
+   saw it, and the reward it gave the round's own images (what "why did HERO reward this image?" reads).
 
 Every statement is idempotent (``IF NOT EXISTS``), so one list creates a new store and upgrades an old one
 inside the same ``BEGIN IMMEDIATE`` transaction (``executescript`` would commit halfway).
@@ -124,12 +126,19 @@ _TABLES = [
         choice          TEXT NOT NULL CHECK (choice IN ('a', 'b', 'none')),
         created_at      TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS comparison_choices_pair ON comparison_choices(pair_id, evaluator_id, id)",
+    """CREATE TABLE IF NOT EXISTS image_embeddings (
+        id          INTEGER PRIMARY KEY,
+        round_id    INTEGER NOT NULL REFERENCES rounds(id),
+        image_id    INTEGER NOT NULL REFERENCES images(id),
+        vector      TEXT NOT NULL,
+        reward      REAL,
+        UNIQUE (round_id, image_id))""",
 ]
 
 # Tables whose rows are never changed once written. A trigger raises ABORT, so a stray UPDATE or DELETE
 # (a script, a sqlite3 shell, a bug) fails loudly instead of silently rewriting what training used.
 APPEND_ONLY = ("submissions", "labels", "round_closures", "run_configs", "audit_log", "comparisons",
-               "comparison_pairs", "comparison_choices")
+               "comparison_pairs", "comparison_choices", "image_embeddings")
 
 
 def _triggers() -> list[str]:

@@ -262,6 +262,12 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
         """How far the run's evaluators agree, and who is flagged for a lean (see docs/feedback.md)."""
         return store.agreement(run_id)
 
+    @app.get("/api/images/{image_id}/explanation", tags=["images"])
+    def explain(image_id: int, k: int = 5) -> dict:
+        """Why HERO rewarded an image of a closed round: the labelled images nearest to it in that round's
+        feedback-aligned embedding, with their labels and evaluators (409 while the round is open)."""
+        return store.explain(image_id, k)
+
     @app.get("/api/images/{image_id}.png", tags=["images"],
              responses={200: {"content": {"image/png": {}}}}, response_class=Response)
     def get_image(image_id: int, request: Request):
