@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +69,10 @@ def resolve_sides(a: str, b: str, model: str | None = None) -> tuple[Side, Side]
     """Both sides; ``base`` means the other side's base model when ``--model`` is not given."""
     side_a = resolve_side(a, model, "A") if a != "base" else None
     side_b = resolve_side(b, model, "B") if b != "base" else None
-    default = model or (side_a or side_b).model_id if (side_a or side_b) else (model or "toy")
-    return (side_a or Side("base", default)), (side_b or Side("base", default))
+    tuned = side_a or side_b
+    default = model or (tuned.model_id if tuned is not None else "toy")
+    revision = tuned.revision if tuned is not None and model is None else None
+    return (side_a or Side("base", default, revision=revision)), (side_b or Side("base", default, revision=revision))
 
 
 def load_side(side: Side):
@@ -97,7 +99,6 @@ class CompareSettings:
     gate: float = 0.5
     safety_filter: str | None = None
     safety_threshold: float = 0.5
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "num_steps", "batch_size"):
