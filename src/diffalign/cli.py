@@ -241,6 +241,68 @@ def feedback_exclude(evaluator: str = typer.Argument(..., help="The evaluator wh
 
 
 @app.command()
+def compare(a: str = typer.Argument(..., help="Model A (the incumbent): a run directory, a LoRA directory or 'base'."),
+            b: str = typer.Argument(..., help="Model B (the candidate): a run directory, a LoRA directory or 'base'."),
+            model: str = typer.Option(None, help="Base model for 'base' and for a LoRA outside a run (default: the "
+                                      "run's base model, else toy)."),
+            prompts: str = typer.Option("hard_counting", help="Prompt set name or file."),
+            samples_per_prompt: int = typer.Option(16, help="Pairs per prompt (each from its own noise)."),
+            seed: int = typer.Option(1234, help="Seed of the shared noises (and of the side A is shown on)."),
+            steps: int = typer.Option(20), guidance: float = typer.Option(4.0), eta: float = typer.Option(1.0),
+            evaluator: str = typer.Option("simulated", help="'simulated' (the toy judge picks) or 'human' (the app)."),
+            ties: str = typer.Option("half", help="'half': a tie counts as half a win for B; 'exclude': ties are "
+                                     "left out. Fixed for the comparison."),
+            gate: float = typer.Option(0.5, help="Ship if the lower bound of B's win rate is above this."),
+            safety_filter: str = typer.Option(None, help="Hide images this filter flags (e.g. toy_red_objects)."),
+            name: str = typer.Option(None, help="Comparison name (default: ab-<hash>; evaluators see it)."),
+            out: Path = typer.Option(Path("runs/compare"), help="Where compare.json and compare_report.html go."),
+            store: Path = typer.Option(None, "--store", help="Feedback store (default <out>/feedback)."),
+            by: str = typer.Option("cli", "--by", help="Who runs the comparison (recorded in the audit log).")):
+    """Blind A/B test of two models on the same prompts and noise: B's win rate with a 95% interval, and a verdict."""
+    from .abtest import format_summary
+    from .compare import CompareSettings, run_compare
+
+    def go():
+        settings = CompareSettings(prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed, num_steps=steps,
+                                   guidance_scale=guidance, eta=eta, ties=ties, gate=gate, safety_filter=safety_filter)
+        done = run_compare(a, b, settings, out, model=model, evaluator=evaluator, name=name, store_dir=store, by=by,
+                           log=typer.echo)
+        if evaluator == "human":
+            typer.echo(f"comparison {done['name']} ({done['result']['pairs']} pairs) stored in {done['store']}.\n"
+                       f"serve it: python -m diffalign.feedback.server --store {done['store']}  and open "
+                       f"{done['url']}\nthen: diffalign compare-results --store {done['store']} --name {done['name']} "
+                       f"--out {out}")
+            return
+        typer.echo(format_summary(done["result"], done["result"]["model_a"], done["result"]["model_b"]))
+        typer.echo(f"report: {done['report']}")
+    _run(go)
+
+
+@app.command("compare-results")
+def compare_results(store: Path = typer.Option(..., "--store", help="The feedback store of the comparison."),
+                    name: str = typer.Option(None, help="The comparison (default: the store's latest)."),
+                    out: Path = typer.Option(Path("runs/compare"), help="Where compare.json and the report go.")):
+    """Win rate, interval and verdict of a comparison from the picks so far (ties and gate as it was created)."""
+    from .abtest import format_summary
+    from .compare import finish_comparison
+    from .feedback.store import FeedbackError, FeedbackStore
+
+    def go():
+        if not (store / "feedback.sqlite").is_file():
+            raise FileNotFoundError(f"--store: no feedback store in {store} (feedback.sqlite missing)")
+        with FeedbackStore(store) as s:
+            found = s.list_comparisons()
+            cid = s.find_comparison(name) if name else (found[-1]["id"] if found else None)
+            if cid is None:
+                raise FeedbackError(f"--name: no comparison {name!r} in {store}; it holds: "
+                                    f"{', '.join(c['name'] for c in found) or 'none'}")
+            result, report = finish_comparison(s, cid, out)
+        typer.echo(format_summary(result, result["model_a"], result["model_b"]))
+        typer.echo(f"report: {report}")
+    _run(go)
+
+
+@app.command()
 def rewards():
     """List the built-in rewards."""
     from .rewards import REWARDS

@@ -131,6 +131,28 @@ def _evaluators(store_dir: Path, run_name: str) -> dict[str, int] | None:
     return counts
 
 
+def _ab_section(run_dir: Path) -> str:
+    """The verdicts of ``diffalign compare`` runs that involved this run (``ab_tests.jsonl``, latest per comparison)."""
+    latest = {e["comparison"]: e for e in _read_jsonl(run_dir / "ab_tests.jsonl")}
+    if not latest:
+        return ("None run yet: `diffalign compare base <run>` has evaluators (or the toy judge) pick between this "
+                "LoRA and the base model, blind, and records the verdict here.")
+    rows = []
+    for e in latest.values():
+        o = e["overall"]
+        rate = "–" if o["rate"] is None else f"{o['rate']:.3f} [{o['low']:.3f}, {o['high']:.3f}]"
+        rows.append((e["comparison"], f"{e['role']} (A = `{e['model_a']}`, B = `{e['model_b']}`)",
+                     f"{o['wins']} / {o['losses']} / {o['ties']}", rate, f"**{e['verdict']['decision']}**",
+                     ", ".join(e["evaluators"])))
+    ties = {e["ties"] for e in latest.values()}
+    note = ("a tie counts as half a win" if ties == {"half"} else "ties left out" if ties == {"exclude"}
+            else "tie rule per comparison (see its report)")
+    return (f"B's win rate over A with a 95% Wilson interval ({note}); verdict against each comparison's gate "
+            f"(ship if the lower bound is above it).\n\n"
+            + _table(rows, ("comparison", "this run is", "B / A / no preference", "B's win rate", "verdict",
+                            "evaluators")))
+
+
 def render_model_card(run_dir: str | Path, cfg=None) -> str:
     """The card's text, from ``config.toml``, ``metrics.jsonl`` and ``eval.json`` of the run."""
     import yaml
@@ -186,6 +208,7 @@ def render_model_card(run_dir: str | Path, cfg=None) -> str:
     else:
         body += ["", "## Evaluation", "", "Not run yet: `diffalign eval <run>` measures base vs tuned and rewrites "
                  "this card."]
+    body += ["", "## Blind A/B evaluation", "", _ab_section(run_dir)]
     command = "feedback" if feedback else "train"
     body += ["", "## Reproduce", "",
              "The resolved configuration (credentials redacted; put them back if a reward needs them):", "",

@@ -89,10 +89,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         # One row of up to 8 images per prompt (at most 8 prompts), so every prompt shows.
         shown = list(dict.fromkeys(prompts))[:8]
         idx = [i for p in shown for i in [j for j, q in enumerate(prompts) if q == p][:8]]
+        base, tuned, hidden = _safe_images(run_dir, data["base"][idx], data["tuned"][idx], [prompts[i] for i in idx])
         parts.append("<h2>Same seeds, before and after</h2><div class='pair'>"
-                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['base'][idx]))}'><figcaption>base</figcaption></figure>"
-                     f"<figure><img src='data:image/png;base64,{_png(image_grid(data['tuned'][idx]))}'><figcaption>tuned</figcaption></figure></div>")
-        parts.append("<p class='small'>Prompts, row by row: " + html.escape("; ".join(shown)) + "</p>")
+                     f"<figure><img src='data:image/png;base64,{_png(image_grid(base))}'><figcaption>base</figcaption></figure>"
+                     f"<figure><img src='data:image/png;base64,{_png(image_grid(tuned))}'><figcaption>tuned</figcaption></figure></div>")
+        parts.append("<p class='small'>Prompts, row by row: " + html.escape("; ".join(shown)) + "</p>" + hidden)
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "td:first-child{text-align:left}.pair{display:flex;gap:2em;flex-wrap:wrap}img{image-rendering:pixelated}"
@@ -100,6 +101,23 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>diffalign report</title>"
                    f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     return out
+
+
+def _safe_images(run_dir: Path, base: np.ndarray, tuned: np.ndarray, prompts: list[str]):
+    """The before/after images with what the run's safety filter flags hidden, and a line saying how many."""
+    if not (run_dir / "config.toml").exists():
+        return base, tuned, ""
+    from .config import load_config
+    from .safety import hide_flagged
+
+    safety = load_config(run_dir / "config.toml").safety
+    base, flagged_base = hide_flagged(base, prompts, safety)
+    tuned, flagged_tuned = hide_flagged(tuned, prompts, safety)
+    if safety.filter is None:
+        return base, tuned, ""
+    n_base, n_tuned = sum(map(bool, flagged_base)), sum(map(bool, flagged_tuned))
+    return base, tuned, (f"<p class='small'>Safety filter <code>{html.escape(safety.filter)}</code>: {n_base} base and "
+                         f"{n_tuned} tuned image(s) above are hidden (blurred).</p>")
 
 
 def write_feedback_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -124,8 +142,9 @@ def write_feedback_report(run_dir: str | Path, out: str | Path | None = None) ->
         plt.close(fig)
     rows = "".join(
         f"<tr><td>{h['round']}</td><td>{html.escape(h['prompt'])}</td><td>{h['good']}</td><td>{h['labels_used']}</td>"
-        f"<td>{h.get('success', float('nan')):.3f}</td></tr>" for h in history)
-    parts.append("<table><tr><th>round</th><th>prompt</th><th>good</th><th>labels used</th><th>success</th></tr>"
+        f"<td>{h.get('success', float('nan')):.3f}</td><td>{h.get('safety_flagged', '–')}</td></tr>" for h in history)
+    parts.append("<table><tr><th>round</th><th>prompt</th><th>good</th><th>labels used</th><th>success</th>"
+                 "<th>hidden by the safety filter</th></tr>"
                  f"{rows}</table><h2>Rounds</h2>")
     for grid in sorted((run_dir / "rounds").glob("round-*.png")):
         data = base64.b64encode(grid.read_bytes()).decode("ascii")

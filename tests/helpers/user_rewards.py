@@ -19,3 +19,16 @@ def wrong_count(images, prompts, metadata):
 
 def raises(images, prompts, metadata):
     raise RuntimeError("scoring backend unavailable")
+
+
+def every_other(images, prompts, metadata):
+    """An unsafety score of 1 for images 0, 2, 4, ... of each call: a filter that flags exactly half."""
+    return (np.arange(len(images)) % 2 == 0).astype(np.float64)
+
+
+def red_area(images, prompts, metadata):
+    """An unsafety score with a gradation: the share of the image's pixels the toy judge classifies as red."""
+    from diffalign.toy.judge import CLASS_NAMES, classify_pixels
+
+    red = CLASS_NAMES.index("red")
+    return (classify_pixels(images) == red).reshape(len(images), -1).mean(axis=1)

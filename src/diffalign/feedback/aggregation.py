@@ -142,6 +142,7 @@ class Aggregation(StoreBase):
             "labels_used": int(closure["labels_used"]) if closure is not None else 0,
             "labels_given": len(submitted) * len(info.image_ids), "created_at": info.created_at,
             "measured_success": (sum(float(s) for s in successes) / len(successes)) if successes else None,
+            "flagged": sum(1 for m in metas if m.get("flagged")),  # hidden by the safety filter, labelled bad
         }
 
     def label_count(self, run_id: int) -> int:

@@ -42,6 +42,7 @@ from ..algorithms.hero import HERO, RoundLabels, UNetFeatures
 from ..config import RunConfig, dump_config, redacted_dump
 from ..prompts import resolve_prompts
 from ..rewards import to_uint8_images
+from ..safety import hide_flagged
 from ..sampling import Trajectories, sample_trajectories
 from ..trainer import Trainer, _local_slice, epoch_generator, mean_over_processes
 from .store import FeedbackStore
@@ -63,14 +64,20 @@ class LoopState:
         self.hero = hero
         self.next_noises: torch.Tensor | None = None
         self.previous_best_image_id: int | None = None
+        # HERO's inputs of every labelled image so far (main process), to embed them with each round's encoder.
+        self.labeled_ids: list[int] = []
+        self.labeled_inputs: torch.Tensor | None = None
 
     def state_dict(self) -> dict:
         return {"next_noises": self.next_noises, "previous_best_image_id": self.previous_best_image_id,
-                "hero": self.hero.state_dict() if self.hero else None}
+                "hero": self.hero.state_dict() if self.hero else None,
+                "labeled_ids": self.labeled_ids, "labeled_inputs": self.labeled_inputs}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_noises = state["next_noises"]
         self.previous_best_image_id = state["previous_best_image_id"]
+        self.labeled_ids = list(state.get("labeled_ids") or [])  # absent in checkpoints from before explanations
+        self.labeled_inputs = state.get("labeled_inputs")
         if self.hero is not None and state.get("hero"):
             self.hero.load_state_dict(state["hero"])
 
@@ -204,6 +211,7 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
             from ..report import write_feedback_report
             report = write_feedback_report(out)
             _add_agreement(report, store, run_id)
+            _add_explanations(report, store, run_id)
             log(f"feedback report: {report}")
         finally:
             store.close()  # checkpoints the WAL: feedback.sqlite alone then holds every label
@@ -216,6 +224,15 @@ def _add_agreement(report: Path, store: FeedbackStore, run_id: int) -> None:
 
     text = report.read_text()
     report.write_text(text.replace("</body>", report_html(store.agreement(run_id)) + "</body>", 1))
+
+
+def _add_explanations(report: Path, store: FeedbackStore, run_id: int) -> None:
+    """Put "why did HERO reward these images?" into the feedback report (HERO runs only)."""
+    from .embeddings import explanations_html
+
+    section = explanations_html(store, run_id)
+    if section:
+        report.write_text(report.read_text().replace("</body>", section + "</body>", 1))
 
 
 def _public_config(cfg: RunConfig) -> RunConfig:
@@ -273,20 +290,27 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
         round_traj = None
         all_images, final_latents, initial_noise = (_gather_tensor(acc, t) for t in (
             traj.images, traj.latents[:, -1], traj.initial_noise))
-    round_id = None
+    round_id, n_flagged = None, 0
     if main:
         images = to_uint8_images(all_images)
         # 3. The round in the store (the same round again after a restart).
         metadata = [{"index": i, "seed": cfg.train.seed, "round": r} for i in range(len(images))]
         for meta, attrs in zip(metadata, _image_attributes(images, prompt) or [], strict=False):
             meta["attributes"] = attrs  # what the agreement statistics break "good" rates down by
+        # The safety filter sits between the sampler and people: a flagged image is stored (training needs its
+        # trajectory) but never served; the app shows the reason, and it counts as bad (safety.py).
+        shown, reasons = hide_flagged(images, [prompt] * len(images), cfg.safety)
+        for meta, reason in zip(metadata, reasons, strict=True):
+            if reason:
+                meta["flagged"] = reason
+        n_flagged = sum(map(bool, reasons))
         info = store.create_round(run_id, r, prompt, list(images), evaluators_required=fb.evaluators_required,
                                   previous_best_image_id=state.previous_best_image_id, image_metadata=metadata)
         round_id = info.id
         from PIL import Image
 
         from ..report import image_grid
-        Image.fromarray(image_grid(images, columns=8)).save(Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
+        Image.fromarray(image_grid(shown, columns=8)).save(Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
         # 4. Labels.
         if evaluator == "simulated":
             if not store.round_complete(round_id):
@@ -306,6 +330,8 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
     # 5. Targets.
     record: dict = {"round": r + 1, "prompt": prompt, "good": int(good.sum()), "best_index": feedback.best_index,
                     "best_is_previous": best_is_previous}
+    if cfg.safety.filter is not None:
+        record["safety_flagged"] = int(_broadcast(acc, n_flagged if main else None))  # hidden from evaluators
     if cfg.feedback.algorithm == "d3po":
         groups = [list(range(g, g + cfg.d3po.group_size)) for g in range(0, len(good), cfg.d3po.group_size)]
         pairs = preference_pairs(good.tolist(), feedback.best_index, groups)
@@ -322,6 +348,8 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
             record.update(state.hero.update(inputs, labels, gen))
             rewards = state.hero.rewards(inputs, good)
             record["reward_mean"] = float(rewards.mean())  # of the labelled images
+            if main:
+                _record_embeddings(store, round_id, state, inputs, rewards)
             if cfg.hero.unlabeled_per_round:
                 extra_traj, rewards, extra_mean = _unlabeled(cfg, trainer, state.hero, prompt, inputs, good, gen,
                                                              sample_gen, base_unet)
@@ -363,6 +391,24 @@ def _image_attributes(images: np.ndarray, prompt: str) -> list[dict] | None:
     except ValueError:
         return None  # not the toy world: the judge would describe shapes that are not there
     return toy_image_attributes(images)
+
+
+@torch.no_grad()
+def _record_embeddings(store: FeedbackStore, round_id: int, state: LoopState, inputs: torch.Tensor,
+                       rewards: torch.Tensor) -> None:
+    """Every image labelled so far, embedded by this round's encoder, and this round's rewards, into the store:
+    what explains a reward later (feedback/embeddings.py)."""
+    ids = store.get_round(round_id).image_ids
+    if ids and ids[0] in state.labeled_ids:  # a resumed session repeating a recorded round
+        return
+    state.labeled_ids += ids
+    inputs = inputs.detach().cpu()
+    state.labeled_inputs = inputs if state.labeled_inputs is None else torch.cat([state.labeled_inputs, inputs])
+    encoder = state.hero.encoder
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    emb = encoder.embed(state.labeled_inputs.to(device)).float().cpu().numpy()  # (N_labelled, d)
+    store.store_embeddings(round_id, state.labeled_ids, emb, dict(zip(ids, rewards.tolist(), strict=True)))
 
 
 def _hero_inputs(hero: HERO, final_latents: torch.Tensor, traj: Trajectories, unet) -> torch.Tensor:

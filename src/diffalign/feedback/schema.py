@@ -7,6 +7,11 @@ Version history (``PRAGMA user_version``, also appended to the ``schema_version`
    ``run_configs`` (every config a run was started or resumed with), ``audit_log`` (decisions such as
    excluding an evaluator), and triggers that refuse UPDATE and DELETE on submissions, labels, closures,
    run configs and the audit log: the labels are append-only in the database, not by convention.
+3. Blind A/B comparisons (``diffalign compare``): ``comparisons`` (what was compared, with which settings),
+   ``comparison_pairs`` (one prompt, one shared noise, model A's and model B's image, and which side the
+   page shows A on) and ``comparison_choices`` (an evaluator's pick of a pair), all append-only like labels;
+   ``image_embeddings``: HERO's feedback-aligned embedding of every labelled image as each round's encoder
+   saw it, and the reward it gave the round's own images (what "why did HERO reward this image?" reads).
 
 Every statement is idempotent (``IF NOT EXISTS``), so one list creates a new store and upgrades an old one
 inside the same ``BEGIN IMMEDIATE`` transaction (``executescript`` would commit halfway).
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS schema_version (
@@ -91,11 +96,49 @@ _TABLES = [
         actor       TEXT NOT NULL,
         detail      TEXT NOT NULL DEFAULT '{}',
         created_at  TEXT NOT NULL)""",
+    # --- version 3
+    """CREATE TABLE IF NOT EXISTS comparisons (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        model_a     TEXT NOT NULL,
+        model_b     TEXT NOT NULL,
+        settings    TEXT NOT NULL DEFAULT '{}',
+        created_by  TEXT NOT NULL,
+        created_at  TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS comparison_pairs (
+        id              INTEGER PRIMARY KEY,
+        comparison_id   INTEGER NOT NULL REFERENCES comparisons(id),
+        position        INTEGER NOT NULL,
+        prompt          TEXT NOT NULL,
+        seed_index      INTEGER NOT NULL,
+        sha256_a        TEXT NOT NULL,
+        file_a          TEXT NOT NULL,
+        sha256_b        TEXT NOT NULL,
+        file_b          TEXT NOT NULL,
+        a_on_left       INTEGER NOT NULL CHECK (a_on_left IN (0, 1)),
+        metadata        TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (comparison_id, position))""",
+    """CREATE TABLE IF NOT EXISTS comparison_choices (
+        id              INTEGER PRIMARY KEY,
+        pair_id         INTEGER NOT NULL REFERENCES comparison_pairs(id),
+        evaluator_id    INTEGER NOT NULL REFERENCES evaluators(id),
+        shown           TEXT NOT NULL CHECK (shown IN ('left', 'right', 'none')),
+        choice          TEXT NOT NULL CHECK (choice IN ('a', 'b', 'none')),
+        created_at      TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS comparison_choices_pair ON comparison_choices(pair_id, evaluator_id, id)",
+    """CREATE TABLE IF NOT EXISTS image_embeddings (
+        id          INTEGER PRIMARY KEY,
+        round_id    INTEGER NOT NULL REFERENCES rounds(id),
+        image_id    INTEGER NOT NULL REFERENCES images(id),
+        vector      TEXT NOT NULL,
+        reward      REAL,
+        UNIQUE (round_id, image_id))""",
 ]
 
 # Tables whose rows are never changed once written. A trigger raises ABORT, so a stray UPDATE or DELETE
 # (a script, a sqlite3 shell, a bug) fails loudly instead of silently rewriting what training used.
-APPEND_ONLY = ("submissions", "labels", "round_closures", "run_configs", "audit_log")
+APPEND_ONLY = ("submissions", "labels", "round_closures", "run_configs", "audit_log", "comparisons",
+               "comparison_pairs", "comparison_choices", "image_embeddings")
 
 
 def _triggers() -> list[str]:

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diffalign.feedback.compare_app import HiddenImageError, add_compare_routes
 from diffalign.feedback.store import FeedbackError, FeedbackStore, NotFoundError
 
 STATIC_DIR = Path(str(resources.files("diffalign.feedback") / "static"))
@@ -201,6 +202,8 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
         store.run_summary(run_id)
         return _page("run.html")
 
+    add_compare_routes(app, store, _page)  # the blind A/B page (compare_app.py)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # ------------------------------------------------------------------ API
@@ -259,11 +262,19 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
         """How far the run's evaluators agree, and who is flagged for a lean (see docs/feedback.md)."""
         return store.agreement(run_id)
 
+    @app.get("/api/images/{image_id}/explanation", tags=["images"])
+    def explain(image_id: int, k: int = 5) -> dict:
+        """Why HERO rewarded an image of a closed round: the labelled images nearest to it in that round's
+        feedback-aligned embedding, with their labels and evaluators (409 while the round is open)."""
+        return store.explain(image_id, k)
+
     @app.get("/api/images/{image_id}.png", tags=["images"],
              responses={200: {"content": {"image/png": {}}}}, response_class=Response)
     def get_image(image_id: int, request: Request):
         """An image by id (PNG). Content-addressed, so it is cached as immutable."""
         meta = store.image_info(image_id)
+        if meta["metadata"].get("flagged"):  # never sent to anyone: the page shows the reason instead
+            raise HiddenImageError(f"image {image_id} is hidden by the safety filter ({meta['metadata']['flagged']})")
         path = store.image_path(image_id)  # refuses a path outside the store's images/ folder
         if not path.is_file():
             raise NotFoundError(f"image_id: the file of image {image_id} is missing from the store")
@@ -278,8 +289,10 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
 
 def _image_json(store: FeedbackStore, image_id: int) -> dict:
     meta = store.image_info(image_id)
+    reason = meta["metadata"].get("flagged") or None  # the safety filter's: no URL, only why
     return {"id": meta["id"], "round_id": meta["round_id"], "position": meta["position"], "sha256": meta["sha256"],
-            "width": meta["width"], "height": meta["height"], "url": f"/api/images/{meta['id']}.png"}
+            "width": meta["width"], "height": meta["height"], "flagged": bool(reason), "flag_reason": reason,
+            "url": None if reason else f"/api/images/{meta['id']}.png"}
 
 
 def _plain(value: Any) -> Any:

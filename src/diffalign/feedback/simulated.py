@@ -84,7 +84,10 @@ class SimulatedEvaluator:
         # The bias draws from its own stream, so adding one leaves the noise of the other images unchanged.
         judged_good = self._biased(self._good(success, partial), judgements,
                                    np.random.default_rng([int(self.seed), int(round_id), 1]))
-        good = judged_good[: len(ids)] ^ flips
+        # Images the safety filter hid were never shown: the store labels them bad, and so does a person.
+        hidden = np.array([bool(store.image_info(i)["metadata"].get("flagged")) for i in candidates])
+        judged_good = judged_good & ~hidden
+        good = (judged_good[: len(ids)] ^ flips) & ~hidden[: len(ids)]
         labels = {i: ("good" if g else "bad") for i, g in zip(ids, good, strict=True)}
 
         best_id: int | None = None

@@ -32,16 +32,19 @@ from diffalign.feedback.base import (
     SchemaVersionError,
     check_evaluator,
 )
+from diffalign.feedback.comparisons import Comparisons
+from diffalign.feedback.embeddings import Embeddings
 from diffalign.feedback.rounds import RunsAndRounds, config_diff
 from diffalign.feedback.schema import SCHEMA_VERSION
 from diffalign.feedback.submissions import Submissions
 
 
-class FeedbackStore(Aggregation, Submissions, RunsAndRounds):
+class FeedbackStore(Embeddings, Comparisons, Aggregation, Submissions, RunsAndRounds):
     """Runs, rounds, images, labels and best picks in ``directory/feedback.sqlite`` and ``directory/images/``.
 
     One class for its users; its parts live by idea in ``base.py`` (connections, schema), ``rounds.py``
-    (runs, rounds, images), ``submissions.py`` (labels in) and ``aggregation.py`` (labels out).
+    (runs, rounds, images), ``submissions.py`` (labels in), ``aggregation.py`` (labels out) and
+    ``comparisons.py`` (blind A/B pairs and picks), ``embeddings.py`` (HERO's embedding, for explanations).
     """
 
 

@@ -26,6 +26,12 @@ from diffalign.feedback.base import (
 )
 
 
+def flagged_images(c: sqlite3.Connection, round_id: int) -> list[int]:
+    """The ids of a round's images the safety filter flagged (image metadata ``flagged`` holds the reason)."""
+    return [int(r["id"]) for r in c.execute("SELECT id, metadata FROM images WHERE round_id = ?", (round_id,))
+            if json.loads(r["metadata"]).get("flagged")]
+
+
 class Submissions(StoreBase):
     """Submitting labels, waiting for a round, the audit trail of submissions and its export."""
 
@@ -40,7 +46,9 @@ class Submissions(StoreBase):
     def submit(self, round_id: int, evaluator: str, labels: dict[int, str], best_image_id: int | None) -> int:
         """Record one evaluator's labels and best pick for a round, in one transaction; returns the submission id.
 
-        ``labels`` maps every image id of the round to ``"good"`` or ``"bad"``. ``best_image_id`` is a good
+        ``labels`` maps every image id of the round to ``"good"`` or ``"bad"``; images the safety filter
+        flagged (metadata ``flagged``: nobody was shown them) are labelled bad whatever is sent, and may be
+        left out; sending ``"good"`` for one is refused. ``best_image_id`` is a good
         image of the round or the round's previous best image; it is required when some image is good and
         may be ``None`` only when none is. Submitting the same labels and best again returns the existing
         submission id (idempotent); a change is appended and supersedes the evaluator's earlier submission.
@@ -61,6 +69,11 @@ class Submissions(StoreBase):
         with self._write() as c:
             info = self._round_info(c, round_id)
             ids = set(info.image_ids)
+            for image_id in flagged_images(c, round_id):
+                if clean.get(image_id) == "good":
+                    raise FeedbackError(f"labels: image {image_id} was hidden by the safety filter (never shown), so "
+                                        f"it is labelled bad; it cannot be good")
+                clean[image_id] = "bad"
             foreign = sorted(set(clean) - ids)
             if foreign:
                 raise FeedbackError(f"labels: image ids {foreign} are not in round {round_id}")

@@ -17,7 +17,13 @@
     const roundsBox = document.getElementById("rounds");
     const runsBox = document.getElementById("runs");
     try {
-      const [rounds, runs] = await Promise.all([request("GET", "/api/rounds"), request("GET", "/api/runs")]);
+      const [rounds, runs, comparisons] = await Promise.all([request("GET", "/api/rounds"), request("GET", "/api/runs"),
+        request("GET", "/api/comparisons")]);
+      document.getElementById("comparisons").replaceChildren(comparisons.length
+        ? table(["Comparison", "Pairs", ""], comparisons.map((c) => el("tr", {},
+          el("td", {}, c.name), el("td", { class: "num" }, String(c.pairs)),
+          el("td", {}, el("a", { href: `/compare/${c.id}`, class: "button" }, "Compare →")))))
+        : el("p", { class: "empty" }, "No comparison yet."));
       const me = nameInput.value.trim();
       if (!rounds.length) {
         roundsBox.replaceChildren(el("p", { class: "empty" }, "No round is waiting for labels right now."));

@@ -27,8 +27,17 @@
     return state.round.previous_best !== null && state.round.previous_best.id === id;
   }
 
+  function isHidden(id) {
+    const image = state.round.images.find((im) => im.id === id);
+    return Boolean(image && image.flagged);
+  }
+
   function setLabel(id, label) {
     if (isPrevious(id)) return;
+    if (isHidden(id)) {  // never shown, so it stays bad (the server labels it bad in any case)
+      say("This image was hidden by the safety filter; it counts as bad.", "warn");
+      return;
+    }
     state.labels.set(id, label);
     if (label === "bad" && state.best === id) state.best = null;
     render();
@@ -73,20 +82,48 @@
     const badge = previous
       ? el("span", { class: "badge prev" }, "last round")
       : el("span", { class: "badge " + (label || "unlabeled") }, label || "unlabeled");
-    const img = el("img", {
-      src: image.url, width: 160, height: 160, alt: (previous ? "previous best image" : "image " + (index + 1)),
-      draggable: "false",
-    });
+    const img = image.flagged
+      ? el("div", { class: "ab-hidden small-hidden", title: image.flag_reason },
+        el("strong", {}, "Hidden"), el("span", {}, image.flag_reason))
+      : el("img", {
+        src: image.url, width: 160, height: 160, alt: (previous ? "previous best image" : "image " + (index + 1)),
+        draggable: "false",
+      });
     const node = el("figure", {
       class: cls.filter(Boolean).join(" "),
       "data-image-id": String(id),
       "data-label": previous ? "previous" : label || "unlabeled",
       tabindex: "-1",
-      onclick: () => { state.cursor = candidates().indexOf(id); if (previous) star(id); else toggle(id); },
+      onclick: () => {
+        state.cursor = candidates().indexOf(id);
+        if (state.round.state === "closed") explain(id);  // labels are final: show why HERO rewarded it
+        else if (previous) star(id);
+        else toggle(id);
+      },
     },
       el("div", { class: "frame" }, img, starred ? el("span", { class: "ribbon" }, "★ best") : null),
       el("figcaption", {}, el("span", { class: "num" }, previous ? "P" : String(index + 1)), badge, starButton));
     return node;
+  }
+
+  async function explain(id) {
+    const box = $("explain");
+    box.hidden = false;
+    box.replaceChildren(el("p", { class: "muted" }, "Loading…"));
+    try {
+      const ex = await request("GET", `/api/images/${id}/explanation?k=6`);
+      box.replaceChildren(
+        el("h2", {}, `Why this reward? Image ${id}` + (ex.reward === null ? "" : ` · HERO reward ${ex.reward.toFixed(3)}`)),
+        el("p", { class: "muted small" }, `The labelled images nearest to it (${ex.similarity}).`),
+        el("div", { class: "grid" }, ...ex.neighbours.map((n) => el("figure", { class: "card " + (n.label || "unlabeled") },
+          n.flagged ? el("div", { class: "ab-hidden small-hidden" }, el("strong", {}, "Hidden"), el("span", {}, n.flag_reason))
+            : el("img", { src: n.url, width: 120, height: 120, alt: `labelled image ${n.image_id}` }),
+          el("figcaption", {}, `${n.label || "–"} · sim ${n.similarity.toFixed(2)} · iteration ${n.iteration}`,
+            el("br"), el("span", { class: "small" },
+              Object.entries(n.labels).map(([who, label]) => `${who}: ${label}`).join(", ")))))));
+    } catch (err) {
+      box.replaceChildren(el("p", { class: "status error" }, err.message));
+    }
   }
 
   function render() {
@@ -219,12 +256,14 @@
     } else {
       mine.hidden = true;
     }
+    for (const im of round.images) if (im.flagged) state.labels.set(im.id, "bad");
     // A closed round: training has read it, so a submission would change nothing (the server answers 409).
     const closed = $("closed");
     closed.hidden = round.state !== "closed";
     if (round.state === "closed") {
       closed.textContent = `This round is closed: the training loop used its labels on ${fmtTime(round.closed_at)} ` +
-        `(${round.labels_used} labels). New labels are no longer accepted here; label the open round instead.`;
+        `(${round.labels_used} labels). New labels are no longer accepted here; label the open round instead. ` +
+        "Click an image to see the labelled images nearest to it in HERO's embedding (HERO runs).";
     }
     $("submit").disabled = round.state === "closed";
     render();

@@ -70,7 +70,7 @@
         : el("p", { class: "empty" }, "No metric recorded yet."));
       document.getElementById("rounds").replaceChildren(run.rounds.length
         ? el("table", {}, el("thead", {}, el("tr", {}, ...["Iteration", "Round", "Prompt", "Evaluators",
-          "Labels used", "Measured success", "Status"].map((h) => el("th", {}, h)))),
+          "Labels used", "Measured success", "Hidden (safety)", "Status"].map((h) => el("th", {}, h)))),
         el("tbody", {}, ...run.rounds.slice().reverse().map((r) => el("tr", {},
           el("td", { class: "num" }, String(r.iteration)),
           el("td", {}, el("a", { href: `/rounds/${r.id}` }, `#${r.id}`)),
@@ -78,6 +78,7 @@
           el("td", { class: "num" }, `${r.evaluators_submitted.length} / ${r.evaluators_required}`),
           el("td", { class: "num" }, String(r.labels_used)),
           el("td", { class: "num" }, fmtPercent(r.measured_success)),
+          el("td", { class: "num" }, String(r.flagged)),
           el("td", {}, r.state === "closed" ? el("span", { class: "tag good" }, "closed · trained on")
             : r.complete ? el("span", { class: "tag" }, "complete · training reads it")
               : el("a", { href: `/rounds/${r.id}`, class: "button" }, "Label →"))))))
