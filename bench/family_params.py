@@ -1,6 +1,6 @@
 """Parameters and training memory of each model family's public architecture (nothing downloaded).
 
-    python bench/family_params.py        # ~4 min on 2 busy cores, <1 GB: fake tensors (shapes, no weights)
+    python bench/family_params.py        # 5-11 min on 2 shared cores, 0.75 GB: fake tensors, no weights
 
 Builds the UNet, VAE and text encoders of SD 1.5, SD 2.1 and SDXL base 1.0 from the values of their hub
 config.json files (written out here and in bench/memory_estimate.py), attaches the LoRA the way the trainer
