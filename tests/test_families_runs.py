@@ -87,12 +87,14 @@ def test_v_prediction_runs_feedback_algorithms(vpred_dir, tmp_path, algorithm):
     out = tmp_path / algorithm
     cfg = load_config(overrides=tiny_run_overrides(
         vpred_dir, out, f'feedback.algorithm="{algorithm}"', "feedback.rounds=1", "feedback.images_per_round=4",
-        "feedback.prompts=['two red circles']", "feedback.simulated_noise_rate=0.5", "feedback.eval_samples=2",
-        # Every image good by the judge's partial score, then noise: a random model's images are never a toy
-        # success, and a round without a good image (or a pair, for D3PO) trains nothing.
-        "feedback.simulated_good_threshold=0.0", "hero.embed_steps=3", "train.learning_rate=1e-2"))
+        "feedback.prompts=['two red circles']", "feedback.eval_samples=2",
+        # A random model's images are never a toy success, and a round of one label trains nothing (no good
+        # image for HERO, no pair for D3PO, no reward spread for DDPO-binary): every image good by the judge's
+        # partial score, then this seed's noise flips 3 of the 4 (measured), a mixed round.
+        "feedback.simulated_good_threshold=0.0", "feedback.simulated_noise_rate=0.9", "hero.embed_steps=3", "train.learning_rate=1e-2"))
     result = run_feedback(cfg, evaluator="simulated", log=lambda m: None)
-    assert result.labels_used == 4 and torch.isfinite(torch.tensor(result.history[-1]["train/grad_norm"]))
+    assert result.labels_used == 4 and result.history[-1]["good"] == 1
+    assert torch.isfinite(torch.tensor(result.history[-1]["train/grad_norm"]))
     _assert_lora_trained(vpred_dir, cfg, result.lora_dir)
     # The stock pipeline (v-prediction scheduler) applies the saved LoRA and its images change.
     pipe = load_pipeline(str(vpred_dir))
