@@ -58,6 +58,33 @@ def test_sdxl_cli_train_resume_eval_report_sample(sdxl_dir, tmp_path):
     assert Image.open(grid).size[0] >= 2 * 64  # two 64 px SDXL images side by side
 
 
+def test_sdxl_by_hub_id_from_the_offline_cache(sdxl_dir, tmp_path, monkeypatch):
+    """model.id as a hub id takes the real hub path (model_index.json first, then from_pretrained(id)); the
+    hub cache is filled here with the tiny pipeline, in the layout huggingface_hub writes, and read offline."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from diffalign.families import StableDiffusionXLFamily, family_for
+    from diffalign.pipeline import load_pipeline
+    from diffalign.sampling import sample_trajectories
+
+    repo = tmp_path / "hub" / "models--diffalign-tests--tiny-sdxl"
+    revision = "0" * 40
+    shutil.copytree(sdxl_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    pipe = load_pipeline("diffalign-tests/tiny-sdxl")
+    assert isinstance(family_for(pipe), StableDiffusionXLFamily) and type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+    def images(p):
+        return sample_trajectories(p, ["two red circles"], 2, 4.0, 1.0, generator=torch.Generator().manual_seed(0)).images
+
+    torch.testing.assert_close(images(pipe), images(load_pipeline(str(sdxl_dir))), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["dag-db"])
 def test_v_prediction_trains_and_resumes(vpred_dir, tmp_path, algorithm):
