@@ -1,7 +1,8 @@
 """Sampler overhead: diffalign's trajectory sampler vs each family's plain diffusers pipeline call, side by side.
 
 Same pipeline, prompts, steps, guidance, eta and batch; the two are timed alternately (A B A B ...) so
-that machine noise hits both alike, and the ratio of medians is reported per model. Goal: <= 1.05 each.
+that machine noise hits both alike, and the ratios of medians and of minima are reported per model.
+Goal: <= 1.05 each.
 
     .venv/bin/python bench/sampler_overhead.py [--models toy,tiny-sd-v,tiny-sdxl] [--batch 16] [--steps 20] [--repeats 7]
 
@@ -85,7 +86,10 @@ def main() -> None:
             print(f"{name} ({klass})")
             for k, v in times.items():
                 print(f"  {k:<10} median {med[k]:.3f}s  all {[round(x, 3) for x in v]}")
-            print(f"  ratio diffalign / plain = {med['diffalign'] / med['plain']:.3f}  (goal <= 1.05)")
+            # The ratio of minima too: on a shared machine a slow outlier is other load, never a faster call.
+            low = {k: min(v) for k, v in times.items()}
+            print(f"  ratio diffalign / plain = {med['diffalign'] / med['plain']:.3f} of medians, "
+                  f"{low['diffalign'] / low['plain']:.3f} of minima  (goal <= 1.05)")
 
 
 if __name__ == "__main__":
