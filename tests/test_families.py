@@ -13,7 +13,7 @@ from diffalign.families import StableDiffusionXLFamily, family_for
 from diffalign.pipeline import ModelLoadError, attach_lora, load_pipeline, lora_state_dict
 from diffalign.sampling import sample_trajectories
 from tests.conftest import tiny_run_overrides
-from tests.helpers.tiny_families import build_sd3
+from tests.helpers.tiny_flow import build_sd3_pipeline
 
 BRIGHT = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:brightness"}}]'
 
@@ -37,7 +37,7 @@ def _assert_lora_trained(pipe_dir, cfg, lora_dir):
 def test_unsupported_pipeline_class_is_refused_naming_it(tmp_path):
     # A healthy directory of a class no family drives yet (FLUX until part 2 lands it): the SD3 pipeline's files
     # under another class name, as a FLUX directory would name itself.
-    build_sd3(tmp_path / "flux")
+    build_sd3_pipeline(tmp_path / "flux")
     index = json.loads((tmp_path / "flux" / "model_index.json").read_text())
     (tmp_path / "flux" / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
     with pytest.raises(ModelLoadError) as err:

@@ -63,32 +63,3 @@ def build_sd_v_prediction(directory: Path, seed: int = 0):
     values["prediction_type"] = "v_prediction"
     config.write_text(json.dumps(values))
     return pipe
-
-
-def build_sd3(directory: Path, seed: int = 0):
-    """A StableDiffusion3Pipeline without T5 (what part 2 drives; part 1 must refuse it clearly)."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection
-
-    from diffalign.toy.model import build_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(Path(directory) / "tokenizer")
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-                                        pooled_projection_dim=2 * TEXT_WIDTH, out_channels=4)
-    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, shift_factor=0.0)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer)), tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer)), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
-    )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    return pipe
