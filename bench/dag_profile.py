@@ -15,6 +15,7 @@ and the DAG update is split further by timing the flow network's forward+backwar
 against the policy's (UNet) forward+backward on the same minibatch.
 
     .venv/bin/python bench/dag_profile.py --epochs 3
+    .venv/bin/python bench/dag_profile.py --epochs 3 --tiny-decoder --small-flow '[16, 32, 32]'
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/dag_profile")
     ap.add_argument("--tiny-decoder", action="store_true",
                     help="also time the DAG algorithm with dag.forward_decoder = 'toy' (the distilled small decoder)")
+    ap.add_argument("--small-flow", default="",
+                    help="also time the algorithm with the small decoder and this flow network, e.g. '[16, 32, 32]'")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -141,6 +144,10 @@ def main() -> None:
     if args.tiny_decoder:
         trainers[f"{args.algorithm}+tiny"] = build(args.algorithm, args.epochs + 1, args.out,
                                                    ('dag.forward_decoder="toy"',), name=f"{args.algorithm}-tiny")
+    if args.small_flow:
+        trainers[f"{args.algorithm}+small"] = build(
+            args.algorithm, args.epochs + 1, args.out, ('dag.forward_decoder="toy"', f"dag.flow_channels={args.small_flow}"),
+            name=f"{args.algorithm}-small")
     for t in trainers.values():
         t.run_epoch(0)  # warm-up (first-call overheads, allocator)
     totals = {name: defaultdict(float) for name in trainers}

@@ -1,14 +1,27 @@
-"""Parameters and static training memory of each model family's public architecture (nothing downloaded).
+"""Parameters and training memory of each model family's public architecture (nothing downloaded).
 
-    python bench/family_params.py        # seconds: the models are built on the meta device (no weights)
+    python bench/family_params.py        # 5-11 min on 2 shared cores, 0.75 GB: fake tensors, no weights
 
 Builds the UNet, VAE and text encoders of SD 1.5, SD 2.1 and SDXL base 1.0 from the values of their hub
 config.json files (written out here and in bench/memory_estimate.py), attaches the LoRA the way the trainer
-does (rank 4 on each family's default targets) and prints exact parameter counts and the static memory per
-process the way docs/scale_out.md counts it: the denoiser in fp32 (the trainer keeps it fp32 and autocasts),
-the frozen VAE and text encoders in half precision (bf16/fp16 on GPU) or fp32, the LoRA with its gradient and
-Adam's two moments in fp32 (16 bytes per parameter). Activation memory of a training step is what
-bench/memory_estimate.py measures (SD 1.5 so far).
+does (rank 4 on each family's default targets) and prints:
+
+1. Exact parameter counts and the static memory per process as docs/scale_out.md counts it: the denoiser in
+   fp32 (the trainer keeps it fp32 and autocasts), the frozen VAE and text encoders in half precision
+   (bf16/fp16 on GPU) or fp32, the LoRA with its gradient and Adam's two moments in fp32 (16 bytes each).
+2. The memory one training step holds for its backward, by bench/memory_estimate.py's method (every storage
+   autograd saves, counted once, parameters and inputs excluded; with gradient checkpointing, what is saved
+   outside the checkpointed blocks plus the inputs the checkpoints keep, plus the recomputation of the
+   largest block), but run at the native resolution directly instead of extrapolated from 128/256 px: the
+   UNet's parameters and inputs are torch FakeTensors on "cpu" (torch._subclasses.fake_tensor), which carry
+   shapes and dtypes through every op (and through CPU autocast, for bf16) without allocating. Attention is
+   torch's fused SDPA (flash / memory-efficient kernels on GPUs in half precision), as in memory_estimate.py.
+   SD 1.5 is printed as the cross-check: memory_estimate.py's numbers, measured on real tensors and
+   extrapolated, are in docs/scale_out.md ("fused" rows), and these must equal them.
+
+Per UNet row: a trajectory with classifier-free guidance is 2 rows, so ``train.batch_size`` B is 2B rows.
+Limits as in memory_estimate.py: a GPU adds the CUDA context (~0.3-1 GB), workspaces and the allocator's
+fragmentation (typically 5-20 %); CPU autocast's op lists approximate CUDA's.
 """
 
 from __future__ import annotations
@@ -38,33 +51,131 @@ FAMILIES = {
     "SDXL": ("sdxl", SDXL_UNET, [("CLIPTextModel", CLIP_VIT_L14_TEXT),
                                  ("CLIPTextModelWithProjection", OPENCLIP_BIGG_TEXT)]),
 }
+TEXT_TOKENS = 77
+ROWS = (2, 4, 8)  # UNet rows: train.batch_size 1, 2, 4 with CFG
 
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _family(name: str):
+    from diffalign.families import StableDiffusionFamily, StableDiffusionXLFamily
+
+    return {"sd": StableDiffusionFamily, "sdxl": StableDiffusionXLFamily}[name]
+
+
+def _fake(module: torch.nn.Module) -> None:
+    """Swap a meta-device module's parameters and buffers for fake CPU tensors (run inside the FakeTensorMode).
+    Assigned in place: ``module.to`` would try to swap tensor subclasses and fails on peft's LoRA layers."""
+    for m in module.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for n, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[n] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the StorageImpl, shared by views (fake storages have no data_ptr)
+
+
+def step_memory(unet, unet_cfg: dict, rows: int, checkpointing: bool, bf16: bool) -> tuple[int, int]:
+    """(bytes held for the backward, bytes of the largest checkpointable block) of one forward at the native
+    latent size; the UNet is fake, so nothing is allocated. Mirrors memory_estimate.training_step."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    size = unet_cfg["sample_size"]
+    latents = torch.randn(rows, 4, size, size)  # (R, 4, h, w)
+    text = torch.randn(rows, TEXT_TOKENS, unet_cfg["cross_attention_dim"])  # (R, 77, E)
+    t = torch.tensor([500] * rows)
+    added = None
+    if unet_cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text (R, 1280) and 6 time ids
+        pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
+        added = {"text_embeds": torch.randn(rows, pooled), "time_ids": torch.randn(rows, 6)}
+    exclude = {_key(x) for x in [*unet.parameters(), *unet.buffers(), latents, text, t, *(added or {}).values()]}
+    saved: dict[int, int] = {}
+    owner: list[str] = []
+    per_block: dict[str, int] = {}
+    held_inputs: dict[int, int] = {}
+
+    def pack(x):
+        k = _key(x)
+        if k not in exclude and k not in saved:
+            saved[k] = x.untyped_storage().nbytes()
+            if owner:
+                per_block[owner[0]] = per_block.get(owner[0], 0) + saved[k]
+        return x
+
+    hooks = []
+    if checkpointing:
+        def checkpoint_recording(module, *args):
+            for a in args:
+                if torch.is_tensor(a) and _key(a) not in exclude:
+                    held_inputs.setdefault(_key(a), a.untyped_storage().nbytes())
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+        unet.enable_gradient_checkpointing(checkpoint_recording)
+    else:
+        unet.disable_gradient_checkpointing()
+        blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D | BasicTransformerBlock)]
+        for i, m in enumerate(blocks):
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, i=i: owner.append(str(i)) and None))
+            hooks.append(m.register_forward_hook(lambda mod, a, o: owner.pop() and None))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            unet(latents, t, encoder_hidden_states=text, added_cond_kwargs=added)
+    finally:
+        for h in hooks:
+            h.remove()
+        unet.disable_gradient_checkpointing()
+    held = sum(saved.values()) + sum(b for k, b in held_inputs.items() if k not in saved)
+    return held, max(per_block.values(), default=0)
+
+
 def main() -> None:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffalign.families import StableDiffusionFamily, StableDiffusionXLFamily
     from diffalign.pipeline import attach_lora
 
-    families = {"sd": StableDiffusionFamily, "sdxl": StableDiffusionXLFamily}
     print(f"{'family':<8}{'px':>6}{'UNet':>15}{'text enc.':>15}{'VAE':>13}{'LoRA r4':>11}   static GiB: "
           f"UNet fp32 + frozen half (fp32) + LoRA/Adam")
+    unets = {}
     for name, (fam, unet_cfg, texts) in FAMILIES.items():
         with torch.device("meta"):
             unet = UNet2DConditionModel(**unet_cfg)
             vae = AutoencoderKL(**SD15_VAE)
             text = sum(count(getattr(transformers, cls)(transformers.CLIPTextConfig(**cfg))) for cls, cfg in texts)
-        lora = sum(p.numel() for p in attach_lora(unet, 4, 4.0, list(families[fam].default_lora_targets)))
+        lora = sum(p.numel() for p in attach_lora(unet, 4, 4.0, list(_family(fam).default_lora_targets)))
         n_unet = count(unet) - lora
         px = unet_cfg["sample_size"] * 8
         frozen = count(vae) + text
         print(f"{name:<8}{px:>6}{n_unet:>15,d}{text:>15,d}{count(vae):>13,d}{lora:>11,d}   "
               f"{n_unet * 4 / GiB:.2f} + {frozen * 2 / GiB:.2f} ({frozen * 4 / GiB:.2f}) + {lora * 16 / GiB:.3f}")
+        unets[name] = (unet, unet_cfg)
+
+    print("\nOne training step at the native resolution, memory held for the backward (GiB), fused attention; "
+          "B = train.batch_size (2B UNet rows with CFG)")
+    print(f"{'family':<8}{'precision':>10}{'checkpointing':>15}" + "".join(f"{f'B = {r // 2}':>10}" for r in ROWS))
+    with FakeTensorMode():
+        for name, (unet, unet_cfg) in unets.items():
+            _fake(unet)
+            unet.train()
+            for bf16 in (False, True):
+                largest_block = {}
+                for checkpointing in (False, True):  # plain first: checkpointing needs its largest block
+                    cells = []
+                    for rows in ROWS:
+                        held, block = step_memory(unet, unet_cfg, rows, checkpointing, bf16)
+                        largest_block.setdefault(rows, block)
+                        # The backward recomputes one checkpointed block at a time: its saved tensors come on top.
+                        cells.append((held + (largest_block[rows] if checkpointing else 0)) / GiB)
+                    print(f"{name:<8}{'bf16' if bf16 else 'fp32':>10}{'on' if checkpointing else 'off':>15}"
+                          + "".join(f"{c:10.2f}" for c in cells))
 
 
 if __name__ == "__main__":

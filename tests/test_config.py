@@ -24,7 +24,7 @@ def test_unknown_key_names_field_and_allowed_keys():
 def test_bad_values_name_field_and_constraint():
     with pytest.raises(ConfigError, match=r"sample\.eta: Input should be greater than 0"):
         load_config(overrides=["sample.eta=0"])
-    with pytest.raises(ConfigError, match=r"train\.algorithm: Input should be 'ddpo', 'dag-db' or 'dag-kl'"):
+    with pytest.raises(ConfigError, match=r"train\.algorithm: Input should be 'ddpo', 'grpo', 'dag-db' or 'dag-kl'"):
         load_config(overrides=['train.algorithm="ppo"'])
     with pytest.raises(ConfigError, match=r"reward\.on_error"):
         load_config(overrides=['reward.on_error="ignore"'])

@@ -167,6 +167,14 @@ def test_flow_network_shapes_and_zero_start():
     assert out.shape == (3,) and torch.count_nonzero(out) == 0  # head starts at zero
 
 
+def test_flow_channels_set_the_flow_networks_widths(tiny_pipe):
+    small = _dag(tiny_pipe, flow_channels="[16, 32]").flow
+    assert [b.resnets[0].out_channels for b in small.down_blocks] == [16, 32]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in _dag(tiny_pipe).flow.parameters())
+    with pytest.raises(ValueError, match="flow_channels.*multiple of 16"):
+        load_config(overrides=["dag.flow_channels=[16, 24]"])
+
+
 @pytest.mark.parametrize("algorithm", ["dag-db", "dag-kl"])
 def test_short_run_with_large_beta_stays_finite(tiny_pipe_dir, tmp_path, algorithm):
     cfg = load_config(overrides=tiny_run_overrides(

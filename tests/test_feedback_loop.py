@@ -120,20 +120,8 @@ def _hero_e2e(tmp_path, prompt: str, rounds: int, eval_every: int, *extra) -> tu
     return base_success, [h["success"] for h in result.history if "success" in h], result.labels_used
 
 
-# The paper's HERO with the PPO clip these two tests were measured with; the toy config has moved on since.
+# The paper's HERO with the PPO clip this test was measured with; the toy config has moved on since.
 REFERENCE_HERO = ("hero.encoder='latent-cnn'", "hero.unlabeled_per_round=0", "ddpo.clip_range=1e-4")
-
-
-@pytest.mark.slow
-def test_hero_raises_success_on_a_hard_prompt_with_the_shipped_toy_model(tmp_path):
-    """12 rounds of 16 simulated labels (192) on a prompt the base model gets right a third of the time.
-
-    Measured in bench/RESULTS.md (reference HERO, seed 0, clean labels): success on the 32 fixed evaluation
-    images 0.34 -> 0.50 at 192 labels.
-    """
-    base, success, _ = _hero_e2e(tmp_path, "four green triangles", 12, 12, *REFERENCE_HERO)
-    # 4 of the 32 fixed evaluation images more than the base: above what seeds alone move (both on the same noises).
-    assert success[-1] >= base + 4 / 32, (base, success)
 
 
 @pytest.mark.slow
@@ -155,7 +143,9 @@ def test_hero_as_the_toy_config_ships_it_learns_the_hard_prompt_fast(tmp_path):
     frozen-UNet-feature encoder, 48 unlabelled images per round rewarded by it, DDPO clip 1e-3.
 
     Measured (bench/RESULTS.md, session 5, seed 0, clean labels): 0.34 -> 0.59 / 0.81 at 64 / 128 labels; with
-    clip 1e-4 it was 0.47 / 0.56, and the paper's HERO 0.34 / 0.41.
+    clip 1e-4 it was 0.47 / 0.56, and the paper's HERO 0.34 / 0.41. The paper's HERO has no test on this prompt:
+    at 192 labels it gave 0.375 / 0.375 / 0.344 for seeds 0 / 1 / 2 (base 0.344; bench/RESULTS.md, 2026-11-30),
+    an effect within seed noise.
     """
     base, success, labels = _hero_e2e(tmp_path, "four green triangles", 8, 4)
     assert labels == 128  # the unlabelled images cost no clicks

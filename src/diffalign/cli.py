@@ -338,6 +338,21 @@ def toy_train_decoder(out: Path = typer.Option(Path("runs/toy-decoder"), help="W
     _run(lambda: train_decoder(cfg, log=lambda m: typer.echo(m)))
 
 
+@toy_app.command("train-flow")
+def toy_train_flow(out: Path = typer.Option(Path("runs/toy-flow-pretrain"), help="Working directory (checkpoints)."),
+                   export: Path = typer.Option(None, help="Where to write the pipeline (diffusers SD3 layout)."),
+                   seed: int = typer.Option(0), steps: int = typer.Option(6000), batch: int = typer.Option(64),
+                   scenes: int = typer.Option(10000, help="Captioned scenes rendered and encoded once."),
+                   threads: int = typer.Option(0, help="torch threads (0: all cores).")):
+    """Pretrain the toy flow-matching model (SD3 architecture) on the toy world with the shipped toy VAE
+    (resumable: run the same command again after a stop)."""
+    from .toy.train_flow import ToyFlowTrainConfig, train_toy_flow_model
+
+    cfg = ToyFlowTrainConfig(out_dir=str(out), export_dir=str(export or ""), seed=seed, steps=steps, batch=batch,
+                             num_scenes=scenes, threads=threads)
+    _run(lambda: train_toy_flow_model(cfg, log=lambda m: typer.echo(m)))
+
+
 @toy_app.command("card")
 def toy_card(model: str = typer.Option("toy", help="Pipeline to measure ('toy' or a directory)."),
              out: Path = typer.Option(Path("docs"), help="Where the card and its PNGs go."),

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .redact import redact
 
-ALGORITHMS = ("ddpo", "dag-db", "dag-kl")
+ALGORITHMS = ("ddpo", "grpo", "dag-db", "dag-kl")
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,9 @@ class SampleConfig(_Section):
     num_batches_per_epoch: int = Field(2, ge=1, description="Sampling batches per epoch per process.")
     num_steps: int = Field(20, ge=2, le=1000, description="DDIM steps per trajectory.")
     guidance_scale: float = Field(4.0, ge=1.0, description="Classifier-free guidance scale (1 disables CFG).")
-    eta: float = Field(1.0, gt=0, le=1.0, description="DDIM eta; must be > 0 so that steps have a log-probability.")
+    eta: float = Field(1.0, gt=0, le=1.0, description="Noise of the stochastic step; must be > 0 so that steps have a "
+                       "log-probability. DDIM's eta for SD / SDXL; for flow-matching models (SD3) the SDE's noise "
+                       "level a (Flow-GRPO uses 0.7).")
     log_prob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="Reduce per-element log-densities over latent elements by mean (as ddpo-pytorch) or sum."
     )
@@ -63,7 +65,7 @@ class SampleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algorithm: Literal["ddpo", "dag-db", "dag-kl"] = Field("ddpo", description=f"One of {ALGORITHMS}.")
+    algorithm: Literal["ddpo", "grpo", "dag-db", "dag-kl"] = Field("ddpo", description=f"One of {ALGORITHMS}.")
     epochs: int = Field(10, ge=1, description="Sample-then-train epochs.")
     seed: int = Field(0, description="Seed of everything; each process derives its own from it.")
     learning_rate: float = Field(3e-4, gt=0, lt=1, description="AdamW learning rate (LoRA).")
@@ -94,6 +96,18 @@ class DDPOConfig(_Section):
     stat_min_count: int = Field(8, ge=1, description="Below this many rewards for a prompt use batch statistics.")
 
 
+class GRPOConfig(_Section):
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip range (mean-reduced log-probs, as Flow-GRPO).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to +-adv_clip_max.")
+    kl_weight: float = Field(0.0, ge=0, description="Weight of the per-step KL to the frozen model (closed form "
+                             "between the two Gaussians of a step; Flow-GRPO uses 0.04 for some tasks). 0: off, no "
+                             "reference pass.")
+    global_std: bool = Field(False, description="Divide advantages by the whole batch's reward std instead of the group's.")
+    window_start: int | None = Field(
+        None, ge=0, description="Train the contiguous window of round(num_steps x train.timestep_fraction) steps that "
+        "starts at this step index (0: the noisiest); unset: a random subset of steps per trajectory, as DDPO.")
+
+
 class DAGConfig(_Section):
     reward_exp: float = Field(100.0, gt=0, description="Final beta: the target density is exp(beta * reward).")
     anneal_fraction: float = Field(
@@ -116,6 +130,10 @@ class DAGConfig(_Section):
         None, gt=0, description="DAG-DB: bound the weight a transition's DB residual puts on the policy's gradient by a "
         "Huber loss with this delta (in nats of the residual) instead of the square; unset: the paper's squared loss. "
         "A trust region for long runs at large beta, where the residual grows with beta (bench/RESULTS.md).")
+    flow_channels: list[int] = Field(
+        [32, 64, 64], min_length=1, description="Widths of the flow network's down blocks (one block per entry, each a "
+        "multiple of 16 for its group norm). The reference's is [64, 128, 256, 256] at 512 px; smaller is cheaper per "
+        "update (bench/RESULTS.md measures the epoch time and the reward of [16, 32, 32] on the toy model).")
     flow_warmup_epochs: int = Field(
         0, ge=0, description="Epochs at the start that train only the flow network (the policy frozen): a critic "
         "warm-up. They sample and count toward the trajectory budget like any epoch.")
@@ -127,6 +145,15 @@ class DAGConfig(_Section):
         True, description="Fit a per-step constant of log F(x_t) - log F(x_t') in closed form (running mean of the "
         "DB residual per step index), so the flow network only has to learn the state-dependent part.")
     step_baseline_decay: float = Field(0.9, ge=0, lt=1, description="Running-mean decay of that per-step constant.")
+
+    @field_validator("flow_channels")
+    @classmethod
+    def _flow_channels_fit_group_norm(cls, value: list[int]) -> list[int]:
+        bad = [w for w in value if w <= 0 or w % 16]
+        if bad:
+            raise ValueError(f"every width must be a positive multiple of 16 (the group norm has 16 groups); got {bad}: "
+                             f"use e.g. [16, 32, 32] or [32, 64, 64]")
+        return value
 
 
 class FeedbackConfig(_Section):
@@ -155,8 +182,9 @@ class HEROConfig(_Section):
     encoder: Literal["unet-features", "latent-cnn"] = Field(
         "unet-features", description="What the embedding reads: the frozen base UNet's features of each final latent "
         "(a trained MLP on top), or the final latent itself through a small CNN trained from scratch (the reference).")
-    feature_block: str = Field("up_blocks.1", min_length=1, description="UNet module whose output is the feature "
-                               "('unet-features'), as a dotted path (e.g. 'mid_block', 'up_blocks.1').")
+    feature_block: str = Field("", description="Denoiser module whose output is the feature ('unet-features'), as "
+                               "a dotted path (e.g. 'mid_block', 'up_blocks.1', 'transformer_blocks.12'); empty: the "
+                               "family's default (up_blocks.1 for SD / SDXL, the middle transformer block for SD3).")
     feature_timestep: int = Field(50, ge=0, description="Noise level (scheduler timestep) at which features are read.")
     unlabeled_per_round: int = Field(
         0, ge=0, description="Extra images per round that nobody labels: sampled from fresh noise, rewarded by the "
@@ -286,6 +314,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ddpo: DDPOConfig = Field(default_factory=DDPOConfig)
     dag: DAGConfig = Field(default_factory=DAGConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -324,6 +353,16 @@ class RunConfig(BaseModel):
                 f"train.timesteps_per_call ({self.train.timesteps_per_call}) must divide the {trained_steps} trained steps "
                 f"per trajectory (sample.num_steps x train.timestep_fraction); use one of {divisors}"
             )
+        if self.train.algorithm == "grpo":
+            if not self.sample.same_prompt_per_batch or self.sample.batch_size < 2:
+                raise ValueError(
+                    "train.algorithm 'grpo' compares the images of one prompt: set sample.same_prompt_per_batch = true "
+                    f"and sample.batch_size >= 2 (the group size; it is {self.sample.batch_size})")
+            start = self.grpo.window_start
+            if start is not None and start + trained_steps > self.sample.num_steps:
+                raise ValueError(
+                    f"grpo.window_start ({start}) + the {trained_steps} trained steps exceeds sample.num_steps "
+                    f"({self.sample.num_steps}): start at most at {self.sample.num_steps - trained_steps}")
         if self.train.timesteps_per_call > 1 and self.train.algorithm != "ddpo":
             raise ValueError(
                 f"train.timesteps_per_call > 1 is implemented for ddpo only (train.algorithm is "

@@ -50,8 +50,12 @@ def load_pipeline(model_id: str = "toy", revision: str | None = None, dtype: tor
     index = _check_components(local, model_id) if looks_local else _hub_index(source, revision, model_id)
     family_cls = _family_of_index(index, model_id)
     try:
+        # Components saved as [null, null] (an SD3 without T5, no image encoder) must be passed as None, or
+        # from_pretrained refuses the directory as incomplete.
+        absent = {k: None for k, v in index.items()
+                  if not k.startswith("_") and isinstance(v, list) and v and v[0] is None}
         pipe = family_cls.pipeline_class().from_pretrained(source, revision=revision, torch_dtype=dtype,
-                                                           **family_cls.load_kwargs)
+                                                           **(absent | family_cls.load_kwargs))
     except OSError as e:
         if looks_local:  # the directory is there, so a file in it is unreadable, not a hub problem
             raise ModelLoadError(

@@ -86,6 +86,28 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
     raise ValueError(f"log-prob reduction {reduction!r} is not one of {REDUCTIONS}")
 
 
+def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                       eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of one DDIM step x_t -> x_t' (eta > 0): its mean (B, C, h, w) and std (broadcastable), fp32."""
+    if eta <= 0:
+        raise ValueError(
+            "eta must be > 0 for a DDIM step with a log-probability: with eta = 0 the step is deterministic "
+            "and has no density. Set sample.eta to e.g. 1.0."
+        )
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    # The arithmetic runs in fp32 whatever the weights' precision: in bf16, abar near 1 at the last step rounds
+    # to 1 and the variance becomes 0/0 (NaN images), while the stock scheduler works on fp32 schedule values.
+    model_output, sample = model_output.float(), sample.float()
+    abar_t, abar_prev = alphas_at(scheduler, timestep)
+    x0, eps = predict_x0_eps(scheduler, model_output, timestep, sample, abar_t)
+    abar_t, abar_prev = _bcast(abar_t, sample), _bcast(abar_prev, sample)
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2 / eta^2, DDIM eq. 16
+    std = eta * variance.sqrt()
+    mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).sqrt() * eps
+    return mean, std
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
@@ -102,27 +124,12 @@ def ddim_step_with_logprob(
     ``prev_sample`` is given it is scored rather than drawn (the re-evaluation of a stored trajectory).
     Returns (prev_sample, log_prob) with log_prob of shape (B,).
     """
-    if eta <= 0:
-        raise ValueError(
-            "eta must be > 0 for a DDIM step with a log-probability: with eta = 0 the step is deterministic "
-            "and has no density. Set sample.eta to e.g. 1.0."
-        )
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    # The arithmetic runs in fp32 whatever the weights' precision: in bf16, abar near 1 at the last step rounds
-    # to 1 and the variance becomes 0/0 (NaN images), while the stock scheduler works on fp32 schedule values.
     out_dtype = sample.dtype
-    model_output, sample = model_output.float(), sample.float()
-    prev_sample = None if prev_sample is None else prev_sample.float()
-    abar_t, abar_prev = alphas_at(scheduler, timestep)
-    x0, eps = predict_x0_eps(scheduler, model_output, timestep, sample, abar_t)
-    abar_t, abar_prev = _bcast(abar_t, sample), _bcast(abar_prev, sample)
-    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2 / eta^2, DDIM eq. 16
-    std = eta * variance.sqrt()
-    mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).sqrt() * eps
+    mean, std = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
         prev_sample = mean + std * noise
+    prev_sample = prev_sample.float()
     log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
     return prev_sample.to(out_dtype), log_prob
 
@@ -263,7 +270,7 @@ def sample_trajectories(
     x = family.initial_latents(initial_noise.to(device=device, dtype=dtype))
     latents, log_probs, eps_all, cond_all = [x], [], [], []
     for t in timesteps:
-        model_in = family.scheduler.scale_model_input(x, t)
+        model_in = family.scale_model_input(x, t)
         eps, eps_cond = family.guided_and_conditional(denoiser, model_in, t, cond, guidance_scale)
         x, log_prob = family.step(eps, t, x, eta=eta, generator=generator, reduction=reduction)
         latents.append(x)

@@ -12,7 +12,10 @@ def build_algorithm(cfg, pipe=None) -> Algorithm:
     if name in ("dag-db", "dag-kl"):
         from .dag import build_dag
         return build_dag(cfg, pipe)
-    raise ValueError(f"train.algorithm {name!r} is unknown; choose ddpo, dag-db or dag-kl")
+    if name == "grpo":
+        from .grpo import GRPO
+        return GRPO(cfg)
+    raise ValueError(f"train.algorithm {name!r} is unknown; choose ddpo, grpo, dag-db or dag-kl")
 
 
 __all__ = ["Algorithm", "DDPO", "PerPromptStatTracker", "Policy", "Transition", "build_algorithm", "ppo_clipped_loss"]

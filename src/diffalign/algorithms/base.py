@@ -64,6 +64,16 @@ class Policy:
         return log_prob, eps
 
     @torch.no_grad()
+    def reference_eps(self, tr: Transition) -> torch.Tensor:
+        """The frozen base model's guided prediction at x_t (LoRA switched off)."""
+        base = getattr(self.unet, "module", self.unet)
+        set_lora_enabled(base, False)
+        try:
+            return self.eps(tr.latents, tr.timesteps, tr.prompt_embeds, tr.negative_embeds, tr.extra)
+        finally:
+            set_lora_enabled(base, True)
+
+    @torch.no_grad()
     def reference_log_prob(self, tr: Transition) -> tuple[torch.Tensor, torch.Tensor]:
         """The same under the frozen base model (LoRA switched off)."""
         base = getattr(self.unet, "module", self.unet)

@@ -41,7 +41,7 @@ from ..families import family_for
 from ..sampling import alphas_at
 from .base import Algorithm, Policy, Transition
 from .ddpo import ppo_clipped_loss
-from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, load_forward_decoder
+from .flow import FlowNetwork, ForwardLookingRewards, annealed_beta, flow_block_types, load_forward_decoder
 
 
 def db_residual(log_f, log_pf, log_pb, log_f_next):
@@ -70,7 +70,9 @@ class DAG(Algorithm):
         self.pipe = pipe
         self.family = family_for(pipe)  # x0_hat, the backward kernel, t' and the denoiser call of the model family
         self.flow = FlowNetwork(in_channels=self.family.latent_shape(1)[1],
-                                cross_attention_dim=self.family.text_embed_dim)
+                                cross_attention_dim=self.family.text_embed_dim,
+                                block_out_channels=tuple(self.dag.flow_channels),
+                                down_block_types=flow_block_types(len(self.dag.flow_channels)))
         self.decoder = load_forward_decoder(self.dag.forward_decoder, pipe.vae.device)  # None: the VAE
         self.beta = 0.0
         self.step_offset: torch.Tensor | None = None  # b_k, running mean of the DB residual at step k

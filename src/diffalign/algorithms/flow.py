@@ -40,6 +40,11 @@ from torch import nn
 from ..sampling import alphas_at, decode_latents, gaussian_log_prob
 
 
+def flow_block_types(n: int) -> tuple[str, ...]:
+    """A plain first block (full resolution: attention there is the costly part), cross-attention after it."""
+    return ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+
+
 class FlowNetwork(nn.Module):
     """f_phi(x_t, t, c): a UNet down path (diffusers blocks, cross-attention to the prompt embedding,
     sinusoidal timestep embedding), global average pool, linear head. The head starts at zero so that

@@ -84,14 +84,15 @@ class UNetFeatures:
     def __init__(self, pipe, block: str, timestep: int, seed: int = 0):
         from ..families import family_for
 
-        self.pipe, self.block, self.timestep = pipe, block, timestep
         self.family = family_for(pipe)  # the denoiser, its conditioning and noising differ by model family
+        block = block or self.family.feature_block()  # '': the family's (a UNet's up_blocks.1, a DiT's middle block)
+        self.pipe, self.block, self.timestep = pipe, block, timestep
         unet = self.family.denoiser
         try:
             self.module = unet.get_submodule(block)
         except AttributeError:
             names = [n for n, _ in unet.named_children()]
-            raise ValueError(f"hero.feature_block = {block!r} is not a module of the UNet; use a dotted path "
+            raise ValueError(f"hero.feature_block = {block!r} is not a module of the denoiser; use a dotted path "
                              f"such as 'up_blocks.1' (top-level modules: {', '.join(names)})") from None
         steps = self.family.feature_timestep_range()
         if not 0 <= timestep < steps:
@@ -111,7 +112,7 @@ class UNetFeatures:
         cond = cond.conditional().to(latents.device, unet.dtype)
         captured = []
         hook = self.module.register_forward_hook(lambda module, args, out: captured.append(
-            (out[0] if isinstance(out, tuple) else out).float().mean(dim=(2, 3)).cpu()))
+            self.family.pool_features(out).cpu()))
         has_lora = bool(getattr(unet, "peft_config", None))
         try:
             if has_lora:

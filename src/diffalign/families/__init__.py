@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .base import Conditioning, Family
 from .sd import StableDiffusionFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionFamily, StableDiffusionXLFamily)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family)
 
 
 def supported_classes() -> list[str]:
@@ -34,5 +35,6 @@ def family_for(pipe) -> Family:
     raise ValueError(f"{type(pipe).__name__} is not a supported pipeline; diffalign drives {', '.join(supported_classes())}")
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "family_class",
+__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily",
+           "family_class",
            "family_for", "supported_classes"]

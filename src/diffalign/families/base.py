@@ -134,6 +134,10 @@ class Family:
         self.scheduler.set_timesteps(num_steps, device=device)
         return self.scheduler.timesteps
 
+    def scale_model_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """What the denoiser is given for x_t (the scheduler's input scaling; the identity for most)."""
+        return self.scheduler.scale_model_input(latents, timestep)
+
     def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
         """x_T from standard normal noise (the stock pipeline's scaling)."""
         return noise * self.scheduler.init_noise_sigma
@@ -150,6 +154,10 @@ class Family:
     def step(self, prediction, timestep, sample, eta: float, prev_sample=None, generator=None,
              reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t', log p(x_t' | x_t)) of shape ((B, C, h, w), (B,)); scores ``prev_sample`` if given."""
+        raise NotImplementedError
+
+    def step_mean_std(self, prediction, timestep, sample, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's Gaussian N(mean, std^2 I) in fp32 (the closed-form KL of GRPO's reference term needs it)."""
         raise NotImplementedError
 
     def x0_hat(self, prediction, timestep, sample) -> torch.Tensor:
@@ -169,6 +177,15 @@ class Family:
         raise NotImplementedError
 
     # -- HERO ---------------------------------------------------------------------------------------
+    def feature_block(self) -> str:
+        """The denoiser block HERO reads when ``hero.feature_block`` is left empty."""
+        return self.default_feature_block
+
+    def pool_features(self, output) -> torch.Tensor:
+        """A feature block's output -> (B, F): a UNet block's (B, C, h, w) map averaged over space."""
+        out = output[0] if isinstance(output, tuple) else output
+        return out.float().mean(dim=(2, 3))
+
     def feature_timestep_range(self) -> int:
         return self.scheduler.config.num_train_timesteps
 

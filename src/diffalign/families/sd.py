@@ -14,6 +14,7 @@ predicts, so it is the same for epsilon and v-prediction models; x0_hat is where
 from __future__ import annotations
 
 from ..sampling import (
+    ddim_step_mean_std,
     ddim_step_with_logprob,
     decode_latents,
     encode_prompts,
@@ -69,6 +70,9 @@ class StableDiffusionFamily(Family):
     def step(self, prediction, timestep, sample, eta, prev_sample=None, generator=None, reduction="mean"):
         return ddim_step_with_logprob(self.scheduler, prediction, timestep, sample, eta=eta, prev_sample=prev_sample,
                                       generator=generator, reduction=reduction)
+
+    def step_mean_std(self, prediction, timestep, sample, eta):
+        return ddim_step_mean_std(self.scheduler, prediction, timestep, sample, eta)
 
     def x0_hat(self, prediction, timestep, sample):
         return predict_x0_eps(self.scheduler, prediction, timestep, sample)[0]
