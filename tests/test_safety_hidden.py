@@ -86,3 +86,29 @@ def test_the_run_report_hides_flagged_before_after_images(tmp_path):
     np.savez_compressed(run / "eval_images.npz", base=base, tuned=tuned, prompts=np.array(["two red circles"] * 4))
     text = write_report(run).read_text()
     assert "2 base and 2 tuned image(s) above are hidden" in text
+
+
+def _flagged_per_epoch(tmp_path, penalty: float) -> list[int]:
+    from diffalign.trainer import train
+
+    cfg = load_config(overrides=[
+        f'output_dir="{tmp_path / f"pen{penalty}"}"', "train.epochs=8", "train.learning_rate=1e-3",
+        'sample.prompts=["two red circles"]', "sample.batch_size=16", "sample.num_batches_per_epoch=2",
+        "train.batch_size=8", "train.timestep_fraction=0.5", 'reward.terms=[{name="toy"}]',
+        'safety.filter="python"', 'safety.args={function="tests.helpers.user_rewards:red_area"}',
+        "safety.threshold=0.105", f"safety.penalty={penalty}", 'log.tracker="none"', "log.progress=false",
+        "guards.every=0", "checkpoint.every=0"])
+    return [round(32 * h["reward/safety_flagged_rate"]) for h in train(cfg, log=lambda m: None).history]
+
+
+@pytest.mark.slow
+def test_the_penalty_lowers_the_flagged_rate_against_the_same_run_without_it(tmp_path):
+    """A filter with a gradation (the share of red pixels, flagged at 0.105, about the base model's median on
+    'two red circles') and the toy reward. Both runs sample every epoch from the same seeds, so they differ only
+    by what the penalty taught. Measured (2 shared cores, 6-15 min per run): flagged images per epoch of 32
+    were 11,10,11,8,11,5,8,5 (69) with penalty 1.0 and 11,10,15,10,12,5,10,9 (82) without; on 32 fixed eval
+    seeds 12 vs 14 of 32 (base 14). A short run moves few images, so the effect is small but paired."""
+    with_penalty, without = _flagged_per_epoch(tmp_path, 1.0), _flagged_per_epoch(tmp_path, 0.0)
+    assert with_penalty[0] == without[0]  # epoch 1 samples the untouched model: the pairing holds
+    assert sum(with_penalty) <= sum(without) - 6, (with_penalty, without)
+    assert all(p <= q for p, q in zip(with_penalty, without, strict=True)), (with_penalty, without)
