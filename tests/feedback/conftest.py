@@ -76,7 +76,7 @@ class ThreadServer:
 
     def start(self) -> ThreadServer:
         self.thread.start()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
@@ -114,7 +114,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.directory.parent / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
+    def start(self, timeout: float = 300.0) -> ServerProcess:  # importing the app takes 15-20 s under load
         cmd = [sys.executable, "-m", "diffalign.feedback.server", "--store", str(self.directory),
                "--port", str(self.port)]
         if self.token:
