@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { request, el, evaluatorName, setEvaluatorName, fmtPercent } = Diffalign;
+  const { request, el, evaluatorName, setEvaluatorName, signIn, fmtPercent } = Diffalign;
   const nameInput = document.getElementById("evaluator");
   nameInput.value = evaluatorName();
   nameInput.addEventListener("change", () => { setEvaluatorName(nameInput.value.trim()); load(); });
@@ -57,6 +57,10 @@
     }
   }
 
-  load();
+  signIn(nameInput, (text) => {
+    const notice = document.getElementById("signin");
+    notice.textContent = text;
+    notice.hidden = false;
+  }).then(load);
   setInterval(load, 5000);
 })();

@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { request, el, evaluatorName, setEvaluatorName, fmtTime } = Diffalign;
+  const { request, el, evaluatorName, setEvaluatorName, signIn, fmtTime } = Diffalign;
   const roundId = Number(window.location.pathname.split("/").filter(Boolean).pop());
 
   const state = {
@@ -305,7 +305,7 @@
   });
   $("submit").addEventListener("click", (ev) => { ev.currentTarget.blur(); submit(); });
 
-  refresh(true).catch((err) => {
+  signIn(nameInput, (text) => say(text, "warn")).then(() => refresh(true)).catch((err) => {
     $("round-title").textContent = "Cannot load this round";
     say(err.message, "error");
   });
