@@ -11,7 +11,13 @@ from fastapi.testclient import TestClient
 
 from diffalign.abtest import format_summary, summarise, verdict, win_rate
 from diffalign.feedback.server import create_app
-from diffalign.feedback.store import SCHEMA_VERSION, ConflictError, FeedbackError, FeedbackStore, NotFoundError
+from diffalign.feedback.store import (
+    SCHEMA_VERSION,
+    ConflictError,
+    FeedbackError,
+    FeedbackStore,
+    NotFoundError,
+)
 
 Z95 = 1.959963984540054
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.browser
 @pytest.fixture
 def big_round(store, images, live_server):
     """A finished round 0 and an open round 1 of 16 images (no previous best: the grid is the whole Tab order)."""
-    run = store.create_run("team-session", {"algorithm": "hero", "rounds": 3, "images_per_round": 16})
+    run = store.create_run("team-session", {"feedback": {"algorithm": "hero", "rounds": 3, "images_per_round": 16}})
     r0 = store.create_round(run, 0, PROMPT, images.toy(PROMPT, 4, seed=3))
     store.submit(r0.id, "alice", {i: "bad" for i in r0.image_ids}, None)
     store.close_round(r0.id)
@@ -126,6 +126,29 @@ def test_every_page_fits_a_390_px_phone(chromium, big_round, images, artifacts):
                 page.screenshot(path=str(artifacts / "labeling_phone.png"), full_page=True)
                 card = page.locator("#grid figure.card").nth(1).bounding_box()
                 assert card["x"] + card["width"] <= widths[1]
+        assert errors == []
+    finally:
+        context.close()
+
+
+def test_the_pages_say_what_the_session_is_doing(chromium, big_round):
+    store, info, server = big_round
+    context, page, errors = _page(chromium)
+    try:
+        page.goto(f"{server.url}/")
+        page.wait_for_selector("#session .session")
+        line = page.locator("#session .session")
+        assert line.get_attribute("data-state") == "waiting_for_labels"
+        text = line.inner_text()
+        assert "team-session" in text and "Waiting for labels on round 2 of 3" in text and "The last round took" in text
+        page.goto(f"{server.url}/rounds/{info.id}")
+        page.wait_for_selector("#session .session")
+        assert page.locator("#round-title").inner_text().upper().startswith("ROUND 2 OF 3")
+        store.submit(info.id, "alice", {i: "bad" for i in info.image_ids}, None)
+        store.close_round(info.id)  # the trainer read it: the page says training is running
+        page.reload()
+        page.wait_for_selector('#session .session[data-state="training"]')
+        assert "Training on the labels of round 2 of 3; round 3 of 3 comes" in page.locator("#session").inner_text()
         assert errors == []
     finally:
         context.close()

@@ -114,6 +114,13 @@ const Diffalign = (() => {
     return who;
   }
 
+  // "What is the session doing?": the run's session line (session.py), with when that began.
+  function sessionLine(session, runName) {
+    const since = session.since ? ` (since ${new Date(session.since).toLocaleTimeString()})` : "";
+    return el("p", { class: "session " + session.state, "data-state": session.state },
+      runName ? el("strong", {}, runName + ": ") : null, session.message + since);
+  }
+
   function fmtPercent(x) {
     return x === null || x === undefined ? "–" : (100 * x).toFixed(1) + " %";
   }
@@ -124,5 +131,5 @@ const Diffalign = (() => {
     return isNaN(d) ? iso : d.toLocaleString();
   }
 
-  return { request, el, token, inviteToken, signIn, evaluatorName, setEvaluatorName, fmtPercent, fmtTime };
+  return { request, el, token, inviteToken, signIn, sessionLine, evaluatorName, setEvaluatorName, fmtPercent, fmtTime };
 })();

@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const { request, el, evaluatorName, setEvaluatorName, signIn, fmtTime } = Diffalign;
+  const { request, el, evaluatorName, setEvaluatorName, signIn, sessionLine, fmtTime } = Diffalign;
   const roundId = Number(window.location.pathname.split("/").filter(Boolean).pop());
 
   const state = {
@@ -315,7 +315,7 @@
     const round = await request("GET", `/api/rounds/${roundId}${q}`);
     state.round = round;
     document.title = `Round ${round.id}: ${round.prompt} · diffalign`;
-    $("round-title").textContent = `Round ${round.id} · iteration ${round.iteration}`;
+    $("round-title").textContent = `Round ${round.iteration + 1} · iteration ${round.iteration} · id ${round.id}`;
     $("prompt").textContent = round.prompt;
     $("crumbs").replaceChildren(el("a", { href: `/runs/${round.run_id}` }, `run ${round.run_name}`),
       el("span", { class: "sep" }, "›"), el("span", {}, `round ${round.id}`));
@@ -342,7 +342,24 @@
     }
     $("submit").disabled = round.state === "closed";
     render();
+    await showSession();
   }
+
+  // The session line and "round N of M", refreshed while the page is open (training may finish meanwhile).
+  async function showSession() {
+    if (!state.round) return;
+    try {
+      const run = await request("GET", `/api/runs/${state.round.run_id}`);
+      $("session").replaceChildren(sessionLine(run.session));
+      if (run.planned_rounds) {
+        $("round-title").textContent = `Round ${state.round.iteration + 1} of ${run.planned_rounds} · ` +
+          `iteration ${state.round.iteration} · id ${state.round.id}`;
+      }
+    } catch (err) {
+      /* the line is information only */
+    }
+  }
+  setInterval(showSession, 10000);
 
   document.addEventListener("keydown", (ev) => {
     if (!state.round || ev.target === nameInput || ev.altKey || ev.ctrlKey || ev.metaKey) return;
