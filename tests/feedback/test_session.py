@@ -33,7 +33,8 @@ def test_states_and_durations_from_round_times():
     last = session_status([first, _round(1, "02:10", "03:00", ["a"]), _round(2, "04:00", "05:00", ["a"])], 3)
     assert last["state"] == "training_last" and last["last_round"]["round"] == 2
     assert session_status([first], None)["message"].startswith("Training on the labels of round 1;")  # no plan
-    assert [format_duration(x) for x in (None, 4.4, 65, 7260)] == ["–", "4 s", "1 min 5 s", "2 h 1 min"]
+    assert [format_duration(x) for x in (None, 0.2, 4.4, 65, 7260)] == ["–", "under 1 s", "4 s", "1 min 5 s",
+                                                                      "2 h 1 min"]
 
 
 def test_the_run_summary_carries_the_session(store, images):

@@ -20,10 +20,12 @@ def _seconds(start: str | None, end: str | None) -> float | None:
 
 
 def format_duration(seconds: float | None) -> str:
-    """``42 s``, ``3 min 5 s``, ``2 h 7 min``."""
+    """``under 1 s``, ``42 s``, ``3 min 5 s``, ``2 h 7 min``."""
     if seconds is None:
         return "–"
     s = int(round(seconds))
+    if s < 1:
+        return "under 1 s"
     if s < 60:
         return f"{s} s"
     if s < 3600:

@@ -116,7 +116,7 @@ const Diffalign = (() => {
 
   // "What is the session doing?": the run's session line (session.py), with when that began.
   function sessionLine(session, runName) {
-    const since = session.since ? ` (since ${new Date(session.since).toLocaleTimeString()})` : "";
+    const since = session.since ? ` Since ${new Date(session.since).toLocaleTimeString()}.` : "";
     return el("p", { class: "session " + session.state, "data-state": session.state },
       runName ? el("strong", {}, runName + ": ") : null, session.message + since);
   }
