@@ -11,7 +11,13 @@ from fastapi.testclient import TestClient
 
 from diffalign.abtest import format_summary, summarise, verdict, win_rate
 from diffalign.feedback.server import create_app
-from diffalign.feedback.store import ConflictError, FeedbackError, FeedbackStore, NotFoundError
+from diffalign.feedback.store import (
+    SCHEMA_VERSION,
+    ConflictError,
+    FeedbackError,
+    FeedbackStore,
+    NotFoundError,
+)
 
 Z95 = 1.959963984540054
 
@@ -164,7 +170,7 @@ def test_a_version_2_store_gains_the_comparison_tables(tmp_path):
     conn.commit()
     conn.close()
     with FeedbackStore(path) as s:
-        assert s.schema_version == 3 and s.get_run(run)["name"] == "kept"
+        assert s.schema_version == SCHEMA_VERSION and s.get_run(run)["name"] == "kept"
         prompts, a, b = _pairs(2)
         assert s.create_comparison("new", "x", "y", prompts, a, b) > 0
 

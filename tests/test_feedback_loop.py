@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffalign.config import load_config
@@ -37,6 +38,17 @@ def test_simulated_session_runs_and_counts_clicks(tiny_pipe_dir, tmp_path, algor
     assert set(first.labels) == {"simulated"} and len(first.attributes) == 4
     assert all(set(a) == {"colour", "shape", "count"} for a in first.attributes.values())
     assert "Evaluator agreement" in (out / "feedback_report.html").read_text()
+    # Each round's grid in the report is framed by the labels training used (marks.py), with a colour key.
+    from PIL import Image
+
+    from diffalign.feedback.marks import BAD, BEST, GOOD
+    assert "framed by the label training used" in (out / "feedback_report.html").read_text()
+    for k, info in enumerate(store.labeled_rounds(run_id)):
+        fb = store.round_feedback(store.find_round(run_id, k).id)
+        grid = np.asarray(Image.open(out / "rounds" / f"round-{k + 1:03d}.png").convert("RGB"))
+        step = 2 * store.image_info(fb.image_ids[0])["width"] + 4 * 4 + 6  # scale 2, room for frames, gap
+        frames = [tuple(grid[13, 6 + i * step + 13]) for i in range(len(fb.good))]  # just above each image
+        assert frames == [BEST if i == fb.best_index else GOOD if g else BAD for i, g in enumerate(fb.good)], info
 
 
 def test_resumed_session_reuses_rounds_and_labels(tiny_pipe_dir, tmp_path):

@@ -240,6 +240,31 @@ def feedback_exclude(evaluator: str = typer.Argument(..., help="The evaluator wh
     _run(go)
 
 
+@feedback_app.command("invite")
+def feedback_invite(names: list[str] = typer.Argument(..., help="The evaluators to invite (unique without case)."),
+                    store: Path = StoreOpt,
+                    by: str = typer.Option(..., "--by", help="Who invites (recorded in the audit log)."),
+                    url: str = typer.Option("http://127.0.0.1:8765/", help="The labeling app's address as the "
+                                            "evaluators reach it (behind your TLS reverse proxy, if any)."),
+                    reissue: bool = typer.Option(False, "--reissue", help="Give already-invited evaluators a new "
+                                                 "link; their old one stops working.")):
+    """Invite evaluators: each gets a personal link whose secret token signs their labels (printed once only).
+
+    Once a store has an invitation, the labeling app accepts labels only through personal links.
+    """
+    from .feedback.store import FeedbackStore
+
+    def go():
+        with FeedbackStore(store) as s:
+            invited = s.invite(names, invited_by=by, reissue=reissue)
+        base = url if url.endswith("/") else url + "/"
+        typer.echo("Personal links (shown only now: the store keeps a hash; send each to its person privately):")
+        for name, token in invited:
+            # The token rides in the fragment (#...), which browsers never send to a server or proxy log.
+            typer.echo(f"  {name}: {base}#invite={token}")
+    _run(go)
+
+
 @app.command()
 def compare(a: str = typer.Argument(..., help="Model A (the incumbent): a run directory, a LoRA directory or 'base'."),
             b: str = typer.Argument(..., help="Model B (the candidate): a run directory, a LoRA directory or 'base'."),

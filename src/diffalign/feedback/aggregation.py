@@ -20,6 +20,7 @@ from diffalign.feedback.base import (
     _now,
     check_evaluator,
 )
+from diffalign.feedback.session import session_status
 
 
 class Aggregation(StoreBase):
@@ -44,6 +45,7 @@ class Aggregation(StoreBase):
             "rounds": rounds,
             "open_rounds": sum(1 for r in rounds if r["state"] == "open" and not r["complete"]),
             "planned_rounds": _planned_rounds(json.loads(run["config"])),
+            "session": session_status(rounds, _planned_rounds(json.loads(run["config"]))),  # session.py
         }
 
     def round_feedback(self, round_id: int) -> RoundFeedback:

@@ -168,6 +168,20 @@ def check_evaluator(evaluator: Any) -> str:
     return name
 
 
+def find_evaluator(c: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    """The evaluator called ``name``, matched case-insensitively ("Alice" is "alice"), or None.
+
+    The exact spelling wins; a store written before names were matched this way may hold both spellings
+    as two evaluators, and each keeps its own labels. ``casefold`` rather than SQLite's ``NOCASE``, which
+    folds ASCII only.
+    """
+    exact = c.execute("SELECT id, name FROM evaluators WHERE name = ?", (name,)).fetchone()
+    if exact is not None:
+        return exact
+    key = name.casefold()
+    matches = [r for r in c.execute("SELECT id, name FROM evaluators ORDER BY id") if r["name"].casefold() == key]
+    return matches[0] if matches else None
+
 
 def _json_default(value: Any) -> Any:
     """JSON for numpy scalars and arrays in image metadata."""

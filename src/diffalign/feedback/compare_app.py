@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffalign.feedback.base import FeedbackError
 from diffalign.feedback.comparisons import flag_reason, side_model
+from diffalign.feedback.identity import resolve_evaluator, signed_in
 
 
 class ChoiceIn(BaseModel):
@@ -21,7 +22,9 @@ class ChoiceIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evaluator: str = Field(description="The evaluator's name (1-64 printable characters).", max_length=200)
+    evaluator: str | None = Field(default=None, max_length=200,
+                                  description="The evaluator's name (1-64 printable characters); with invitations, "
+                                  "optional (the personal token says who picks).")
     choice: str = Field(description="'left', 'right' or 'none' (no preference).", max_length=10)
 
 
@@ -52,16 +55,17 @@ def add_compare_routes(app: FastAPI, store, page) -> None:
         return store.list_comparisons()
 
     @app.get("/api/comparisons/{comparison_id}/next", tags=["comparisons"])
-    def next_pair(comparison_id: int, evaluator: str | None = None) -> dict:
-        """The next pair ``evaluator`` has not picked, blind (sides only), and the progress."""
-        return store.next_pair(comparison_id, evaluator)
+    def next_pair(comparison_id: int, request: Request, evaluator: str | None = None) -> dict:
+        """The next pair ``evaluator`` (or the personal token's) has not picked, blind (sides only), and the progress."""
+        return store.next_pair(comparison_id, signed_in(store, request) if store.has_invites() else evaluator)
 
     @app.post("/api/pairs/{pair_id}/choices", tags=["comparisons"], response_model=ChoiceOut)
-    def choose(pair_id: int, body: ChoiceIn) -> ChoiceOut:
+    def choose(pair_id: int, body: ChoiceIn, request: Request) -> ChoiceOut:
         """Pick the better side of a pair, or 'none'; the same pick again is a no-op, a change is appended."""
-        choice_id = store.choose(pair_id, body.evaluator, body.choice)
+        evaluator = resolve_evaluator(store, request, body.evaluator)
+        choice_id = store.choose(pair_id, evaluator, body.choice)
         info = store.pair_info(pair_id)
-        progress = store.next_pair(info["comparison_id"], body.evaluator)
+        progress = store.next_pair(info["comparison_id"], evaluator)
         return ChoiceOut(choice_id=choice_id, pair_id=pair_id, decided=progress["decided"], total=progress["total"])
 
     @app.get("/api/pairs/{pair_id}/{side}.png", tags=["comparisons"], response_class=Response,

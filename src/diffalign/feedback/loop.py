@@ -210,12 +210,21 @@ def run_feedback(cfg: RunConfig, evaluator: str = "human", resume: bool = False,
             store.export_jsonl(run_id, out / "feedback.jsonl")
             from ..report import write_feedback_report
             report = write_feedback_report(out)
+            _add_legend(report)
             _add_agreement(report, store, run_id)
             _add_explanations(report, store, run_id)
             log(f"feedback report: {report}")
         finally:
             store.close()  # checkpoints the WAL: feedback.sqlite alone then holds every label
     return FeedbackResult(out, result.lora_dir, trainer.state.history, labels_used)
+
+
+def _add_legend(report: Path) -> None:
+    """Explain the marked round grids (marks.py) where the report's round section starts."""
+    from .marks import legend_html
+
+    text = report.read_text()
+    report.write_text(text.replace("<h2>Rounds</h2>", "<h2>Rounds</h2>" + legend_html(), 1))
 
 
 def _add_agreement(report: Path, store: FeedbackStore, run_id: int) -> None:
@@ -290,7 +299,7 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
         round_traj = None
         all_images, final_latents, initial_noise = (_gather_tensor(acc, t) for t in (
             traj.images, traj.latents[:, -1], traj.initial_noise))
-    round_id, n_flagged = None, 0
+    round_id, n_flagged, shown = None, 0, None
     if main:
         images = to_uint8_images(all_images)
         # 3. The round in the store (the same round again after a restart).
@@ -322,6 +331,12 @@ def _round(r: int, cfg: RunConfig, trainer: Trainer, state: LoopState, store: Fe
     # Closing the round is reading it: from now on the store refuses submissions to it, and what it records
     # as used is exactly what trains here.
     feedback = _broadcast(acc, store.close_round(round_id) if main else None)  # the labels, to every process
+    if main:  # the round's grid again, marked with what training used: the feedback report shows these
+        from PIL import Image
+
+        from .marks import marked_grid
+        Image.fromarray(marked_grid(shown, feedback.good, feedback.best_index)).save(
+            Path(cfg.output_dir) / "rounds" / f"round-{r + 1:03d}.png")
     good = torch.tensor(feedback.good, dtype=torch.bool)
     best_is_previous = feedback.best_image_id is not None and feedback.best_index is None
     labels = RoundLabels(good, feedback.best_index, best_is_previous)

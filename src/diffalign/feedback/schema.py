@@ -12,6 +12,9 @@ Version history (``PRAGMA user_version``, also appended to the ``schema_version`
    page shows A on) and ``comparison_choices`` (an evaluator's pick of a pair), all append-only like labels;
    ``image_embeddings``: HERO's feedback-aligned embedding of every labelled image as each round's encoder
    saw it, and the reward it gave the round's own images (what "why did HERO reward this image?" reads).
+4. ``invites``: evaluator identities. The session owner invites an evaluator by name and the store keeps the
+   sha256 of the personal token it printed once (never the token); an evaluator's latest invite is the valid
+   one, so a re-issued link replaces the old. Append-only like labels.
 
 Every statement is idempotent (``IF NOT EXISTS``), so one list creates a new store and upgrades an old one
 inside the same ``BEGIN IMMEDIATE`` transaction (``executescript`` would commit halfway).
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS schema_version (
@@ -133,12 +136,20 @@ _TABLES = [
         vector      TEXT NOT NULL,
         reward      REAL,
         UNIQUE (round_id, image_id))""",
+    # --- version 4
+    """CREATE TABLE IF NOT EXISTS invites (
+        id              INTEGER PRIMARY KEY,
+        evaluator_id    INTEGER NOT NULL REFERENCES evaluators(id),
+        token_sha256    TEXT NOT NULL UNIQUE,
+        invited_by      TEXT NOT NULL,
+        created_at      TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS invites_evaluator ON invites(evaluator_id, id)",
 ]
 
 # Tables whose rows are never changed once written. A trigger raises ABORT, so a stray UPDATE or DELETE
 # (a script, a sqlite3 shell, a bug) fails loudly instead of silently rewriting what training used.
 APPEND_ONLY = ("submissions", "labels", "round_closures", "run_configs", "audit_log", "comparisons",
-               "comparison_pairs", "comparison_choices", "image_embeddings")
+               "comparison_pairs", "comparison_choices", "image_embeddings", "invites")
 
 
 def _triggers() -> list[str]:

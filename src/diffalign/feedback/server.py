@@ -6,7 +6,9 @@ Security model (see docs/feedback.md): binds 127.0.0.1 by default; any other hos
 with a token set every POST needs it (``Authorization: Bearer <token>`` or ``X-Diffalign-Token``, compared in
 constant time); POSTs must be JSON and, without a token, must not come from a non-loopback origin (so a
 web page elsewhere cannot post labels to a local app); bodies are size-limited (413); images are served by
-id only; every error is JSON with a 4xx status.
+id only; every error is JSON with a 4xx status. Once the store holds invitations (``diffalign feedback
+invite``), a submission counts for the evaluator whose personal token it carries (identity.py), and that
+token also stands in for the access token.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffalign.feedback.compare_app import HiddenImageError, add_compare_routes
+from diffalign.feedback.identity import resolve_evaluator, signed_in
 from diffalign.feedback.store import FeedbackError, FeedbackStore, NotFoundError
 
 STATIC_DIR = Path(str(resources.files("diffalign.feedback") / "static"))
@@ -61,7 +64,10 @@ class SubmissionIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evaluator: str = Field(description="The evaluator's name (1-64 printable characters).", max_length=200)
+    evaluator: str | None = Field(
+        default=None, max_length=200,
+        description="The evaluator's name (1-64 printable characters). With invitations, optional: the personal "
+                    "token says who submits, and a different name is refused.")
     labels: dict[int, str] = Field(description="Every image id of the round mapped to 'good' or 'bad'.")
     best_image_id: int | None = Field(
         default=None, description="A good image of the round or the round's previous best; null if none is good.")
@@ -167,7 +173,7 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            problem = _check_post(request, token_bytes)
+            problem = _check_post(request, token_bytes, lambda: signed_in(store, request) is not None)
             if problem is not None:
                 status, message = problem
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -210,7 +216,13 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
 
     @app.get("/api/health", tags=["meta"])
     def health() -> dict:
-        return {"ok": True, "schema_version": store.schema_version, "token_required": token is not None}
+        return {"ok": True, "schema_version": store.schema_version, "token_required": token is not None,
+                "invites": store.has_invites()}
+
+    @app.get("/api/whoami", tags=["meta"])
+    def whoami(request: Request) -> dict:
+        """Whether this session labels by invitation, and whom the request's personal token signs in (or null)."""
+        return {"invites": store.has_invites(), "evaluator": signed_in(store, request)}
 
     @app.get("/api/rounds", tags=["rounds"])
     def list_rounds(run_id: int | None = None) -> list[dict]:
@@ -223,8 +235,10 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
         return out
 
     @app.get("/api/rounds/{round_id}", tags=["rounds"])
-    def get_round(round_id: int, evaluator: str | None = None) -> dict:
-        """A round with its images; with ``evaluator``, that evaluator's latest labels and best pick."""
+    def get_round(round_id: int, request: Request, evaluator: str | None = None) -> dict:
+        """A round with its images; with ``evaluator`` (or a personal token), that evaluator's latest labels."""
+        if store.has_invites():  # only your own labels: others' would let evaluators copy each other
+            evaluator = signed_in(store, request)
         info = store.get_round(round_id)
         status = store.round_status(round_id)
         status["run_name"] = store.get_run(info.run_id)["name"]
@@ -233,18 +247,23 @@ def create_app(store: FeedbackStore, token: str | None = None, max_body_bytes: i
                                    if info.previous_best_image_id is not None else None)
         status["mine"] = None
         if evaluator:
-            latest = store.round_feedback(round_id).per_evaluator.get(evaluator.strip())
+            key = evaluator.strip().casefold()  # names match without case, as submissions do
+            per = store.round_feedback(round_id).per_evaluator
+            latest = next((v for k, v in per.items() if k.casefold() == key), None)
             if latest is not None:
                 status["mine"] = {"labels": {str(k): v for k, v in latest["labels"].items()},
                                   "best_image_id": latest["best_image_id"], "created_at": latest["created_at"]}
         return status
 
     @app.post("/api/rounds/{round_id}/submissions", tags=["rounds"], response_model=SubmissionOut)
-    def submit(round_id: int, body: SubmissionIn) -> SubmissionOut:
-        """Submit one evaluator's labels; the same labels again are a no-op, a change is appended."""
-        submission_id = store.submit(round_id, body.evaluator, body.labels, body.best_image_id)
+    def submit(round_id: int, body: SubmissionIn, request: Request) -> SubmissionOut:
+        """Submit one evaluator's labels; the same labels again are a no-op, a change is appended. With
+        invitations, the submission counts for the personal token's evaluator (401 without one, 403 for
+        another name)."""
+        evaluator = resolve_evaluator(store, request, body.evaluator)
+        submission_id = store.submit(round_id, evaluator, body.labels, body.best_image_id)
         status = store.round_status(round_id)
-        return SubmissionOut(submission_id=submission_id, round_id=round_id, evaluator=body.evaluator.strip(),
+        return SubmissionOut(submission_id=submission_id, round_id=round_id, evaluator=evaluator.strip(),
                              complete=status["complete"], evaluators_submitted=len(status["evaluators_submitted"]),
                              evaluators_required=status["evaluators_required"])
 
@@ -308,18 +327,29 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
-def _check_post(request: Request, token_bytes: bytes | None) -> tuple[int, str] | None:
-    """Why a state-changing request is refused, as (status, message), or None when it may go on."""
+def _check_access_token(request: Request, token_bytes: bytes) -> tuple[int, str] | None:
+    given = request.headers.get(TOKEN_HEADER)
+    auth = request.headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if not given:
+        return 401, ("an access token is required: send 'Authorization: Bearer <token>' or 'X-Diffalign-Token' "
+                     "(open the URL with ?token=... that the server printed)")
+    if not hmac.compare_digest(given.encode(), token_bytes):
+        return 403, "wrong access token"
+    return None
+
+
+def _check_post(request: Request, token_bytes: bytes | None, personal_ok=lambda: False) -> tuple[int, str] | None:
+    """Why a state-changing request is refused, as (status, message), or None when it may go on.
+
+    ``personal_ok()`` says whether the request carries a valid personal token: an invited evaluator's link
+    is all they need, so it stands in for the access token (it is as secret, and it names who submits).
+    """
     if token_bytes is not None:
-        given = request.headers.get(TOKEN_HEADER)
-        auth = request.headers.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        if not given:
-            return 401, ("an access token is required: send 'Authorization: Bearer <token>' or 'X-Diffalign-Token' "
-                         "(open the URL with ?token=... that the server printed)")
-        if not hmac.compare_digest(given.encode(), token_bytes):
-            return 403, "wrong access token"
+        problem = None if personal_ok() else _check_access_token(request, token_bytes)
+        if problem is not None:
+            return problem
     else:
         origin = request.headers.get("origin")
         if origin and origin != "null":

@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    feedback.sqlite      runs, rounds, images, evaluators, submissions, labels, run metrics (WAL mode)
+    feedback.sqlite      runs, rounds, images, evaluators, invites, submissions, labels, run metrics (WAL mode)
     images/ab/abcd....png  the PNG files, content-addressed by their sha256
 
 The training loop creates a *round* (a batch of images for one prompt) with :meth:`FeedbackStore.create_round`,
@@ -34,17 +34,19 @@ from diffalign.feedback.base import (
 )
 from diffalign.feedback.comparisons import Comparisons
 from diffalign.feedback.embeddings import Embeddings
+from diffalign.feedback.invites import Invites
 from diffalign.feedback.rounds import RunsAndRounds, config_diff
 from diffalign.feedback.schema import SCHEMA_VERSION
 from diffalign.feedback.submissions import Submissions
 
 
-class FeedbackStore(Embeddings, Comparisons, Aggregation, Submissions, RunsAndRounds):
+class FeedbackStore(Invites, Embeddings, Comparisons, Aggregation, Submissions, RunsAndRounds):
     """Runs, rounds, images, labels and best picks in ``directory/feedback.sqlite`` and ``directory/images/``.
 
     One class for its users; its parts live by idea in ``base.py`` (connections, schema), ``rounds.py``
     (runs, rounds, images), ``submissions.py`` (labels in), ``aggregation.py`` (labels out) and
-    ``comparisons.py`` (blind A/B pairs and picks), ``embeddings.py`` (HERO's embedding, for explanations).
+    ``comparisons.py`` (blind A/B pairs and picks), ``embeddings.py`` (HERO's embedding, for explanations),
+    ``invites.py`` (evaluator identities: personal tokens, stored hashed).
     """
 
 

@@ -23,6 +23,7 @@ from diffalign.feedback.base import (
     _now,
     _write_atomic,
     check_evaluator,
+    find_evaluator,
 )
 
 
@@ -38,7 +39,7 @@ class Submissions(StoreBase):
     # ------------------------------------------------------------------ submissions
 
     def _evaluator_id(self, c: sqlite3.Connection, name: str) -> int:
-        row = c.execute("SELECT id FROM evaluators WHERE name = ?", (name,)).fetchone()
+        row = find_evaluator(c, name)  # "Alice" and "alice" are one evaluator
         if row is not None:
             return int(row["id"])
         return int(c.execute("INSERT INTO evaluators (name, created_at) VALUES (?, ?)", (name, _now())).lastrowid)

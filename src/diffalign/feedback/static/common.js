@@ -4,6 +4,7 @@
 const Diffalign = (() => {
   const TOKEN_KEY = "diffalign.token";
   const NAME_KEY = "diffalign.evaluator";
+  const INVITE_KEY = "diffalign.invite";
 
   // The server prints a URL with ?token=...; keep the token in sessionStorage and take it out of the
   // address bar, so it does not linger in the history, bookmarks or screenshots.
@@ -17,14 +18,30 @@ const Diffalign = (() => {
     }
   })();
 
+  // A personal link (diffalign feedback invite) carries the evaluator's token in the fragment, #invite=...,
+  // which the browser never sends to the server or a proxy's log; keep it for this tab and clear the address.
+  (function captureInvite() {
+    const match = /(?:^#|&)invite=([^&]+)/.exec(window.location.hash);
+    if (match) {
+      sessionStorage.setItem(INVITE_KEY, decodeURIComponent(match[1]));
+      window.history.replaceState(null, "", window.location.pathname + window.location.search);
+    }
+  })();
+
   function token() {
     return sessionStorage.getItem(TOKEN_KEY);
+  }
+
+  function inviteToken() {
+    return sessionStorage.getItem(INVITE_KEY);
   }
 
   async function request(method, path, body) {
     const headers = { Accept: "application/json" };
     const t = token();
     if (t) headers["Authorization"] = "Bearer " + t;
+    const invite = inviteToken();
+    if (invite) headers["X-Diffalign-Evaluator-Token"] = invite;
     const init = { method, headers, cache: "no-store" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -75,6 +92,35 @@ const Diffalign = (() => {
     localStorage.setItem(NAME_KEY, name);
   }
 
+  // With invitations the personal link says who you are: the name field shows it and cannot be edited.
+  // Without a link in an invited session, say how to get in (the server would refuse a typed name).
+  async function signIn(nameInput, onNotice) {
+    let who;
+    try {
+      who = await request("GET", "/api/whoami");
+    } catch (err) {
+      return null;
+    }
+    if (!who.invites) return null;
+    if (who.evaluator) {
+      nameInput.value = who.evaluator;
+      nameInput.readOnly = true;
+      nameInput.title = "signed in by your personal link";
+    } else if (onNotice) {
+      onNotice(inviteToken()
+        ? "Your personal link is unknown or was replaced: ask the session owner for your current link."
+        : "This session labels by invitation: open the personal link the session owner sent you.");
+    }
+    return who;
+  }
+
+  // "What is the session doing?": the run's session line (session.py), with when that began.
+  function sessionLine(session, runName) {
+    const since = session.since ? ` Since ${new Date(session.since).toLocaleTimeString()}.` : "";
+    return el("p", { class: "session " + session.state, "data-state": session.state },
+      runName ? el("strong", {}, runName + ": ") : null, session.message + since);
+  }
+
   function fmtPercent(x) {
     return x === null || x === undefined ? "–" : (100 * x).toFixed(1) + " %";
   }
@@ -85,5 +131,5 @@ const Diffalign = (() => {
     return isNaN(d) ? iso : d.toLocaleString();
   }
 
-  return { request, el, token, evaluatorName, setEvaluatorName, fmtPercent, fmtTime };
+  return { request, el, token, inviteToken, signIn, sessionLine, evaluatorName, setEvaluatorName, fmtPercent, fmtTime };
 })();

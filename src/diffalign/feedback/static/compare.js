@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { request, el, evaluatorName, setEvaluatorName } = Diffalign;
+  const { request, el, evaluatorName, setEvaluatorName, signIn } = Diffalign;
   const comparisonId = Number(window.location.pathname.split("/").pop());
   const nameInput = document.getElementById("evaluator");
   const status = document.getElementById("status");
@@ -64,5 +64,8 @@
     else if (e.key === "ArrowRight") pick("right");
     else if (e.key === "n" || e.key === "ArrowDown") pick("none");
   });
-  load();
+  let notice = "";
+  signIn(nameInput, (text) => { notice = text; }).then(load).then(() => {
+    if (notice) { status.textContent = notice; status.className = "status error"; }
+  });
 })();

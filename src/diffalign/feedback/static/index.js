@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { request, el, evaluatorName, setEvaluatorName, fmtPercent } = Diffalign;
+  const { request, el, evaluatorName, setEvaluatorName, signIn, sessionLine, fmtPercent } = Diffalign;
   const nameInput = document.getElementById("evaluator");
   nameInput.value = evaluatorName();
   nameInput.addEventListener("change", () => { setEvaluatorName(nameInput.value.trim()); load(); });
@@ -24,6 +24,9 @@
           el("td", {}, c.name), el("td", { class: "num" }, String(c.pairs)),
           el("td", {}, el("a", { href: `/compare/${c.id}`, class: "button" }, "Compare →")))))
         : el("p", { class: "empty" }, "No comparison yet."));
+      // The newest run is the session going on (older runs are history).
+      const newest = runs[runs.length - 1];
+      document.getElementById("session").replaceChildren(newest ? sessionLine(newest.session, newest.name) : "");
       const me = nameInput.value.trim();
       if (!rounds.length) {
         roundsBox.replaceChildren(el("p", { class: "empty" }, "No round is waiting for labels right now."));
@@ -57,6 +60,10 @@
     }
   }
 
-  load();
+  signIn(nameInput, (text) => {
+    const notice = document.getElementById("signin");
+    notice.textContent = text;
+    notice.hidden = false;
+  }).then(load);
   setInterval(load, 5000);
 })();

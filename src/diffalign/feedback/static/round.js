@@ -1,8 +1,10 @@
 // The round page: label every image good/bad, star the best good one, submit.
+// Focus model: every image is one Tab stop (its buttons are not: s and z do what they do); the focused image
+// is the current one, which arrow keys move and g/b/Space/s/z act on, so a round of any size is reachable.
 "use strict";
 
 (() => {
-  const { request, el, evaluatorName, setEvaluatorName, fmtTime } = Diffalign;
+  const { request, el, evaluatorName, setEvaluatorName, signIn, sessionLine, fmtTime } = Diffalign;
   const roundId = Number(window.location.pathname.split("/").filter(Boolean).pop());
 
   const state = {
@@ -78,7 +80,12 @@
       "aria-label": "best",
       disabled: !previous && label !== "good",
       onclick: (ev) => { ev.stopPropagation(); state.cursor = candidates().indexOf(id); star(id); },
+      tabindex: "-1",
     }, starred ? "★" : "☆");
+    const zoomButton = image.flagged ? null : el("button", {
+      type: "button", class: "zoom-button", title: "enlarge (z)", "aria-label": "enlarge", tabindex: "-1",
+      onclick: (ev) => { ev.stopPropagation(); state.cursor = candidates().indexOf(id); openZoom(); },
+    }, "⤢");
     const badge = previous
       ? el("span", { class: "badge prev" }, "last round")
       : el("span", { class: "badge " + (label || "unlabeled") }, label || "unlabeled");
@@ -93,7 +100,10 @@
       class: cls.filter(Boolean).join(" "),
       "data-image-id": String(id),
       "data-label": previous ? "previous" : label || "unlabeled",
-      tabindex: "-1",
+      tabindex: "0",
+      "aria-label": (previous ? "previous best" : `image ${index + 1}`) + `, ${previous ? "candidate" : label || "unlabeled"}` +
+        (starred ? ", best" : ""),
+      onfocus: () => { if (candidates()[state.cursor] !== id) { state.cursor = candidates().indexOf(id); markCurrent(); } },
       onclick: () => {
         state.cursor = candidates().indexOf(id);
         if (state.round.state === "closed") explain(id);  // labels are final: show why HERO rewarded it
@@ -102,7 +112,7 @@
       },
     },
       el("div", { class: "frame" }, img, starred ? el("span", { class: "ribbon" }, "★ best") : null),
-      el("figcaption", {}, el("span", { class: "num" }, previous ? "P" : String(index + 1)), badge, starButton));
+      el("figcaption", {}, el("span", { class: "num" }, previous ? "P" : String(index + 1)), badge, zoomButton, starButton));
     return node;
   }
 
@@ -126,9 +136,71 @@
     }
   }
 
+  function cardNode(id) {
+    return document.querySelector(`figure.card[data-image-id="${id}"]`);
+  }
+
+  // Only the "current" outline changes: rebuilding the cards on focus would detach a card mid-click.
+  function markCurrent() {
+    const currentId = candidates()[state.cursor];
+    for (const node of document.querySelectorAll("figure.card[data-image-id]")) {
+      node.classList.toggle("current", Number(node.dataset.imageId) === currentId);
+    }
+    if (!$("zoom").hidden) showZoom();
+  }
+
+  // Keyboard moves are focus moves: the focused card is the current image (and Tab goes on from there).
+  function focusCurrent() {
+    if (!$("zoom").hidden) return;  // the enlarged view keeps the focus; it follows the current image
+    const node = cardNode(candidates()[state.cursor]);
+    if (node && document.activeElement !== node) node.focus({ preventScroll: true });
+    if (node) node.scrollIntoView({ block: "nearest" });
+  }
+
+  function zoomTarget() {
+    const id = candidates()[state.cursor];
+    if (isPrevious(id)) return { image: state.round.previous_best, index: -1 };
+    const index = state.round.images.findIndex((im) => im.id === id);
+    return { image: state.round.images[index], index };
+  }
+
+  function showZoom() {
+    const { image, index } = zoomTarget();
+    const label = isPrevious(image.id) ? "previous best" : state.labels.get(image.id) || "unlabeled";
+    const big = $("zoom-image");
+    if (image.flagged) {
+      big.removeAttribute("src");
+      big.alt = "hidden by the safety filter";
+    } else {
+      big.src = image.url;
+      big.alt = index < 0 ? "previous best image, enlarged" : `image ${index + 1}, enlarged`;
+    }
+    $("zoom-caption").textContent = (index < 0 ? "Previous best" : `Image ${index + 1} of ${state.round.images.length}`) +
+      ` · ${label}` + (state.best === image.id ? " · ★ best" : "");
+    $("zoom").dataset.imageId = String(image.id);
+    $("zoom").dataset.label = label;
+  }
+
+  function openZoom() {
+    if (zoomTarget().image.flagged) {
+      say("This image was hidden by the safety filter; it cannot be enlarged.", "warn");
+      return;
+    }
+    $("zoom").hidden = false;
+    showZoom();
+    $("zoom-close").focus({ preventScroll: true });
+  }
+
+  function closeZoom() {
+    $("zoom").hidden = true;
+    focusCurrent();
+  }
+
   function render() {
     const round = state.round;
     const grid = $("grid");
+    const hadFocus = Boolean(document.activeElement && document.activeElement.closest &&
+      document.activeElement.closest("figure.card"));
     grid.replaceChildren(...round.images.map((im, i) => card(im, i, false)));
     if (round.previous_best) {
       $("previous").hidden = false;
@@ -143,8 +215,10 @@
     $("left").className = "left" + (left === 0 && !needBest ? " done" : "");
     $("evaluators").textContent = `${good} good · evaluators ${round.evaluators_submitted.length} of ${round.evaluators_required} submitted`;
     const currentId = candidates()[state.cursor];
-    const node = document.querySelector(`[data-image-id="${currentId}"]`);
+    const node = cardNode(currentId);
+    if (hadFocus && node) node.focus({ preventScroll: true });  // the rebuilt card keeps the focus
     if (node && document.activeElement !== nameInput) node.scrollIntoView({ block: "nearest" });
+    if (!$("zoom").hidden) showZoom();
   }
 
   function moveCursor(dx, dy) {
@@ -165,7 +239,8 @@
       });
       state.cursor = bestIdx;
     }
-    render();
+    markCurrent();
+    focusCurrent();
   }
 
   async function submit() {
@@ -240,7 +315,7 @@
     const round = await request("GET", `/api/rounds/${roundId}${q}`);
     state.round = round;
     document.title = `Round ${round.id}: ${round.prompt} · diffalign`;
-    $("round-title").textContent = `Round ${round.id} · iteration ${round.iteration}`;
+    $("round-title").textContent = `Round ${round.iteration + 1} · iteration ${round.iteration} · id ${round.id}`;
     $("prompt").textContent = round.prompt;
     $("crumbs").replaceChildren(el("a", { href: `/runs/${round.run_id}` }, `run ${round.run_name}`),
       el("span", { class: "sep" }, "›"), el("span", {}, `round ${round.id}`));
@@ -267,12 +342,37 @@
     }
     $("submit").disabled = round.state === "closed";
     render();
+    await showSession();
   }
+
+  // The session line and "round N of M", refreshed while the page is open (training may finish meanwhile).
+  async function showSession() {
+    if (!state.round) return;
+    try {
+      const run = await request("GET", `/api/runs/${state.round.run_id}`);
+      $("session").replaceChildren(sessionLine(run.session));
+      if (run.planned_rounds) {
+        $("round-title").textContent = `Round ${state.round.iteration + 1} of ${run.planned_rounds} · ` +
+          `iteration ${state.round.iteration} · id ${state.round.id}`;
+      }
+    } catch (err) {
+      /* the line is information only */
+    }
+  }
+  setInterval(showSession, 10000);
 
   document.addEventListener("keydown", (ev) => {
     if (!state.round || ev.target === nameInput || ev.altKey || ev.ctrlKey || ev.metaKey) return;
     const ids = candidates();
     const id = ids[state.cursor];
+    const zoomed = !$("zoom").hidden;
+    if (ev.key === "Escape" || (zoomed && (ev.key === "z" || ev.key === "Z"))) {
+      if (zoomed) { closeZoom(); ev.preventDefault(); }
+      return;
+    }
+    if (ev.key === "Tab" || (ev.target instanceof HTMLButtonElement && (ev.key === " " || ev.key === "Enter"))) {
+      return;  // Tab moves focus; a focused button (submit, close) handles its own Space/Enter
+    }
     let handled = true;
     switch (ev.key) {
       case "ArrowLeft": moveCursor(-1, 0); break;
@@ -283,11 +383,13 @@
       case "b": case "B": setLabel(id, "bad"); break;
       case " ": toggle(id); break;
       case "s": case "S": star(id); break;
-      case "Enter": submit(); break;
+      case "z": case "Z": openZoom(); break;
+      case "Enter": if (zoomed) closeZoom(); else submit(); break;
       default:
         if (/^[1-9]$/.test(ev.key) && Number(ev.key) <= state.round.images.length) {
-          state.cursor = Number(ev.key) - 1;
-          render();
+          state.cursor = Number(ev.key) - 1;  // a shortcut for the first nine; Tab and arrows reach all
+          markCurrent();
+          focusCurrent();
         } else {
           handled = false;
         }
@@ -304,8 +406,10 @@
     if (ev.key === "Enter") { ev.preventDefault(); nameInput.blur(); }
   });
   $("submit").addEventListener("click", (ev) => { ev.currentTarget.blur(); submit(); });
+  $("zoom-close").addEventListener("click", closeZoom);
+  $("zoom").addEventListener("click", (ev) => { if (ev.target === $("zoom")) closeZoom(); });
 
-  refresh(true).catch((err) => {
+  signIn(nameInput, (text) => say(text, "warn")).then(() => refresh(true)).catch((err) => {
     $("round-title").textContent = "Cannot load this round";
     say(err.message, "error");
   });
