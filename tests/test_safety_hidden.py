@@ -69,7 +69,9 @@ def test_flagged_images_never_reach_the_labeling_page_in_a_session(tiny_pipe_dir
             grid = np.asarray(Image.open(out / "rounds" / f"round-{r['iteration'] + 1:03d}.png").convert("RGB"))
             original = store.load_image(flagged[0]["id"])
             h, w = original.shape[:2]
-            tile = grid[4:4 + 2 * h:2, 4:4 + 2 * w:2]  # image 0 in the grid (pad 2, then everything scaled 2x)
+            # Image 0 of the grid as marks.marked_grid lays it out once training read the round: a gap of 6, a
+            # label frame of 2 x 4 around it, the image scaled 2x.
+            tile = grid[14:14 + 2 * h:2, 14:14 + 2 * w:2]
             np.testing.assert_array_equal(tile, hide(original))
     assert "hidden by the safety filter" in (out / "feedback_report.html").read_text()
 
