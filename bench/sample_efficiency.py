@@ -44,7 +44,7 @@ def make_config(reward: str, algorithm: str, seed: int, epochs: int, args, out_d
         f'sample.prompts="{spec["prompts"]}"', f"sample.batch_size={args.batch}", "sample.num_batches_per_epoch=2",
         f"sample.num_steps={args.steps}", "sample.guidance_scale=4.0", f"train.batch_size={args.train_batch}",
         f"train.timestep_fraction={args.timestep_fraction}", f"train.learning_rate={args.lr}",
-        f"dag.reward_exp={args.reward_exp[reward]}", 'log.tracker="none"', "log.progress=false", "checkpoint.every=0",
+        f"dag.reward_exp={args.reward_exp[reward]}", 'log.tracker="none"', "log.progress=false", "checkpoint.every=0", "checkpoint.keep=1",
         f'eval.prompts="{spec["prompts"]}"', f"eval.samples_per_prompt={args.eval_samples}", "eval.seed=999",
         *args.set,
     ], reward={"terms": spec["terms"]})
@@ -74,9 +74,21 @@ def run_one(reward: str, algorithm: str, seed: int, args) -> dict:
 
     base_imgs, base = measure(False)
     points = [{"trajectories": 0, **base, "drift": 0.0, "seconds": 0.0}]
-    t0 = time.time()
     epochs_log = []  # per-epoch training diagnostics: reward curve, |DB residual|, each module's gradient norm
-    for epoch in range(epochs):
+    done_seconds, start = 0.0, 0
+    # Long runs resume after a kill: a checkpoint and the points measured so far are written at every evaluation.
+    partial_path = out_dir / "partial.json"
+    if partial_path.exists() and trainer.load_checkpoint() is not None:
+        partial = json.loads(partial_path.read_text())
+        if partial["epoch"] == trainer.state.epoch:
+            points, epochs_log, done_seconds, start = (partial["points"], partial["epochs"], partial["seconds"],
+                                                       partial["epoch"])
+            print(f"  resumed {out_dir.name} after epoch {start}", flush=True)
+        else:
+            raise SystemExit(f"{partial_path} (epoch {partial['epoch']}) does not match the newest checkpoint "
+                             f"(epoch {trainer.state.epoch}); delete {out_dir} to rerun this run")
+    t0 = time.time() - done_seconds
+    for epoch in range(start, epochs):
         m = trainer.run_epoch(epoch)
         epochs_log.append({k: m[k] for k in TRAIN_KEYS if k in m})
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
@@ -86,6 +98,10 @@ def run_one(reward: str, algorithm: str, seed: int, args) -> dict:
                            "drift": drift(base_imgs.images, imgs.images), "seconds": elapsed})
             print(f"  {reward:5s} {algorithm:7s} seed {seed} traj {(epoch + 1) * per_epoch:4d}: "
                   + " ".join(f"{k} {v:.3f}" for k, v in points[-1].items() if k != "trajectories"), flush=True)
+            if epoch + 1 < epochs:
+                trainer.save_checkpoint()
+                partial_path.write_text(json.dumps({"epoch": epoch + 1, "points": points, "epochs": epochs_log,
+                                                    "seconds": time.time() - t0}))
     return {"reward": reward, "algorithm": algorithm + args.tag, "seed": seed, "points": points, "set": args.set,
             "train_seconds": time.time() - t0, "epochs": epochs_log}
 
