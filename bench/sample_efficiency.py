@@ -1,7 +1,8 @@
 """DDPO vs DAG-DB vs DAG-KL at equal trajectory budgets on the toy world.
 
-Two rewards: the judge's partial score on the hard counting prompts (base success <= 30%), and JPEG
-compressibility (negated JPEG size in kB) on the same prompts. For every (reward, algorithm, seed) the same sampler settings and the same number of
+Three rewards: the judge's partial score on the hard counting prompts (base success <= 30%), JPEG
+compressibility (negated JPEG size in kB) on the same prompts, and the judge's partial score on three relation
+prompts (bench/prompts/relation_diversity.txt: many layouts are equally right, the diversity question). For every (reward, algorithm, seed) the same sampler settings and the same number of
 trajectories per epoch; every ``--eval-every`` epochs the tuned model is measured on fixed evaluation seeds:
 mean reward, toy success, diversity (Vendi, per prompt) and drift from the base model (same noises).
 
@@ -27,6 +28,9 @@ REWARDS = {
     "toy": {"terms": [{"name": "toy", "args": {"mode": "partial"}}], "prompts": "hard_counting"},
     # The same three prompts for JPEG: evaluation stays cheap, and diversity (Vendi per prompt) comparable.
     "jpeg": {"terms": [{"name": "jpeg_compressibility"}], "prompts": "hard_counting"},
+    # Relation prompts: many layouts are equally right, so collapse onto one shows as lost diversity (issue 21).
+    "relation": {"terms": [{"name": "toy", "args": {"mode": "partial"}}],
+                 "prompts": str(ROOT / "bench" / "prompts" / "relation_diversity.txt")},
 }
 
 
@@ -177,7 +181,7 @@ def main() -> None:
                     help="Take finished runs from these results directories first (runs split over processes).")
     ap.add_argument("--summary-only", action="store_true", help="Run nothing: table and plot of the runs there.")
     args = ap.parse_args()
-    args.reward_exp = {"toy": args.reward_exp_toy, "jpeg": args.reward_exp_jpeg}
+    args.reward_exp = {"toy": args.reward_exp_toy, "jpeg": args.reward_exp_jpeg, "relation": args.reward_exp_toy}
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
