@@ -48,6 +48,26 @@ def efficiency(runs: list[dict], reward: str, target_budget: int) -> list[str]:
     return lines
 
 
+def stability(runs: list[dict], reward: str) -> list[str]:
+    """Issue 21 item 4's no-collapse test per run: after the training reward's peak epoch, the largest fall between
+    consecutive epochs (bar: <= 0.1), and the final evaluation reward against the base model's."""
+    lines = [f"**{reward}**, no collapse (training reward per epoch; bar: no fall > 0.1 after the peak, final "
+             f"evaluation >= base):", "", "| method | seed | epochs | peak (epoch) | largest fall after it | "
+             "base eval | final eval | holds |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in runs if r["reward"] == reward), key=lambda r: (r["algorithm"], r["seed"])):
+        curve = [e["reward_mean"] for e in r.get("epochs", []) if "reward_mean" in e]
+        if not curve:
+            continue
+        peak = int(np.argmax(curve))
+        falls = [curve[i] - curve[i + 1] for i in range(peak, len(curve) - 1)]
+        fall = max(falls, default=0.0)
+        base, final = r["points"][0]["reward_mean"], r["points"][-1]["reward_mean"]
+        ok = fall <= 0.1 and final >= base
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {len(curve)} | {curve[peak]:.3f} ({peak + 1}) | {fall:.3f} | "
+                     f"{base:.3f} | {final:.3f} | {'yes' if ok else '**no**'} |")
+    return lines
+
+
 def pareto(runs: list[dict], reward: str, path: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -95,6 +115,7 @@ def main() -> None:
     md = []
     for reward in dict.fromkeys(r["reward"] for r in runs):
         md += efficiency(runs, reward, args.target_budget) + [""]
+        md += stability(runs, reward) + [""]
         md += pareto(runs, reward, out / f"pareto_{reward}.png") + [""]
     (out / "claims.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
