@@ -19,14 +19,26 @@ from pathlib import Path
 import numpy as np
 
 
-def load(dirs: list[Path]) -> list[dict]:
+def load(dirs: list[Path], partial: bool = False) -> list[dict]:
+    """Finished runs of every results directory; with ``partial``, also the runs still under way (their
+    ``runs/<reward>-<algorithm>-s<seed>/partial.json``, written at each evaluation), marked ``partial``."""
     runs, seen = [], set()
     for d in dirs:
-        for r in json.loads((d / "results.json").read_text()):
+        path = d / "results.json"
+        for r in json.loads(path.read_text()) if path.exists() else []:
             key = (r["reward"], r["algorithm"], r["seed"], r["points"][-1]["trajectories"])
             if key not in seen:
                 seen.add(key)
                 runs.append(r)
+    if partial:
+        finished = {(r["reward"], r["algorithm"], r["seed"]) for r in runs}
+        for d in dirs:
+            for f in sorted(d.glob("runs/*/partial.json")):
+                reward, rest = f.parent.name.split("-", 1)
+                algorithm, seed = rest.rsplit("-s", 1)
+                if (reward, algorithm, int(seed)) not in finished:
+                    runs.append({"reward": reward, "algorithm": algorithm, "seed": int(seed), "partial": True,
+                                 **{k: v for k, v in json.loads(f.read_text()).items() if k in ("points", "epochs")}})
     return runs
 
 
@@ -43,7 +55,7 @@ def efficiency(runs: list[dict], reward: str, target_budget: int) -> list[str]:
         hit = next((p["trajectories"] for p in r["points"] if p["reward_mean"] >= target), None)
         last = r["points"][-1]["trajectories"]
         best = max(p["reward_mean"] for p in r["points"])
-        lines.append(f"| {r['algorithm']} | {r['seed']} | {last} | {hit if hit is not None else 'not reached'} | "
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {last}{' (under way)' if r.get('partial') else ''} | {hit if hit is not None else 'not reached'} | "
                      f"{best:.3f} |")
     return lines
 
@@ -63,7 +75,7 @@ def stability(runs: list[dict], reward: str) -> list[str]:
         fall = max(falls, default=0.0)
         base, final = r["points"][0]["reward_mean"], r["points"][-1]["reward_mean"]
         ok = fall <= 0.1 and final >= base
-        lines.append(f"| {r['algorithm']} | {r['seed']} | {len(curve)} | {curve[peak]:.3f} ({peak + 1}) | {fall:.3f} | "
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {len(curve)}{' (under way)' if r.get('partial') else ''} | {curve[peak]:.3f} ({peak + 1}) | {fall:.3f} | "
                      f"{base:.3f} | {final:.3f} | {'yes' if ok else '**no**'} |")
     return lines
 
@@ -109,8 +121,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, nargs="+", required=True)
     ap.add_argument("--target-budget", type=int, default=1280)
+    ap.add_argument("--partial", action="store_true", help="also the runs still under way (marked as such)")
     args = ap.parse_args()
-    runs = load(args.results)
+    runs = load(args.results, args.partial)
     out = args.results[0]
     md = []
     for reward in dict.fromkeys(r["reward"] for r in runs):
