@@ -43,6 +43,9 @@ def build_sd3_pipeline(directory: Path, seed: int = 0, shift: float = 3.0):
     return pipe
 
 
+T5_TOKENS = 16  # T5 positions of the tiny FLUX pipeline (FLUX.1: 512); the family reads it from the tokenizer
+
+
 def _t5_tokenizer(directory: Path):
     """A T5 tokenizer over the toy world's words, built locally (nothing downloaded): a ``tokenizers`` Unigram model
     laid out as T5's (pad 0, eos 1, unk 2, then SentencePiece words "\u2581word", whitespace split and Metaspace)
@@ -58,7 +61,7 @@ def _t5_tokenizer(directory: Path):
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")])
     tok = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                          extra_ids=0, model_max_length=512)
+                          extra_ids=0, model_max_length=T5_TOKENS)
     tok.save_pretrained(directory)
     return T5TokenizerFast.from_pretrained(directory)
 

@@ -77,12 +77,19 @@ class FluxFamily(FlowMatchFamily):
                                c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
     # -- conditioning and the transformer call ------------------------------------------------------
+    def max_sequence_length(self) -> int:
+        """T5 tokens per prompt: the pipeline's default, 512 (FLUX.1's T5 tokenizer says 512 too), or less where
+        the T5 tokenizer's ``model_max_length`` is shorter (the tiny test pipelines: padding a 10-word prompt to
+        512 text tokens would make the transformer's attention mostly text)."""
+        return min(512, self.pipe.tokenizer_2.model_max_length)
+
     def encode(self, prompts, guidance_scale):
         """T5 token embeddings, the pooled CLIP embedding and, for a guidance-distilled transformer, the guidance
         scale per sample (module docstring). No negative embeddings: FLUX has no CFG batch."""
         with torch.no_grad():
             embeds, pooled, _text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None,
-                                                                device=self.denoiser.device, num_images_per_prompt=1)
+                                                                device=self.denoiser.device, num_images_per_prompt=1,
+                                                                max_sequence_length=self.max_sequence_length())
         extra = {"pooled": pooled}
         if self.denoiser.config.guidance_embeds:
             extra["guidance"] = torch.full((len(prompts),), float(guidance_scale), device=embeds.device)
