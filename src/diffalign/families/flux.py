@@ -98,13 +98,10 @@ class FluxFamily(FlowMatchFamily):
     def guided_and_conditional(self, denoiser, latents, timestep, cond, guidance_scale):
         """One transformer call on the packed latents; the prediction unpacked, returned as both halves.
         ``guidance_scale`` is not read: the guidance is the one ``encode`` stored in the conditioning."""
-        from diffusers import FluxPipeline
-
         b, c, h, w = latents.shape
-        packed = FluxPipeline._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        packed = self._pipeline_class._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
         embeds = cond.prompt_embeds
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype)  # (L, 3), as encode_prompt
+        img_ids, txt_ids = self._ids(h, w, embeds.shape[1], latents.device, latents.dtype, embeds.dtype)
         t = torch.as_tensor(timestep, device=latents.device)
         t = (t.expand(b) if t.ndim == 0 else t).to(latents.dtype)
         guidance = cond.extra.get("guidance")
@@ -115,8 +112,25 @@ class FluxFamily(FlowMatchFamily):
                        guidance=None if guidance is None else guidance.float(),
                        pooled_projections=cond.extra["pooled"], encoder_hidden_states=embeds, txt_ids=txt_ids,
                        img_ids=img_ids, return_dict=False)[0]
-        out = FluxPipeline._unpack_latents(out, h, w, 1)  # (B, C, h, w); sizes in latent pixels, hence factor 1
+        out = self._pipeline_class._unpack_latents(out, h, w, 1)  # (B, C, h, w); sizes in latent pixels, hence factor 1
         return out, out
+
+    @property
+    def _pipeline_class(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def _ids(self, h, w, text_len, device, dtype, text_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_ids (h/2 * w/2, 3), txt_ids (L, 3)) as the pipeline makes them once per call; kept per shape here,
+        since the sampler calls the transformer step by step (rebuilding them was ~4% of a tiny model's call)."""
+        key = (h, w, text_len, str(device), dtype, text_dtype)
+        cache = self.__dict__.setdefault("_ids_cache", {})
+        if key not in cache:
+            img_ids = self._pipeline_class._prepare_latent_image_ids(None, h // 2, w // 2, device, dtype)
+            cache.clear()  # one shape at a time in practice
+            cache[key] = (img_ids, torch.zeros(text_len, 3, device=device, dtype=text_dtype))  # as encode_prompt
+        return cache[key]
 
     # -- HERO ---------------------------------------------------------------------------------------
     def feature_block(self) -> str:
