@@ -99,7 +99,7 @@ class FluxFamily(FlowMatchFamily):
         """One transformer call on the packed latents; the prediction unpacked, returned as both halves.
         ``guidance_scale`` is not read: the guidance is the one ``encode`` stored in the conditioning."""
         b, c, h, w = latents.shape
-        packed = self._pipeline_class._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
+        packed = self.pipeline_class()._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
         embeds = cond.prompt_embeds
         img_ids, txt_ids = self._ids(h, w, embeds.shape[1], latents.device, latents.dtype, embeds.dtype)
         t = torch.as_tensor(timestep, device=latents.device)
@@ -112,22 +112,16 @@ class FluxFamily(FlowMatchFamily):
                        guidance=None if guidance is None else guidance.float(),
                        pooled_projections=cond.extra["pooled"], encoder_hidden_states=embeds, txt_ids=txt_ids,
                        img_ids=img_ids, return_dict=False)[0]
-        out = self._pipeline_class._unpack_latents(out, h, w, 1)  # (B, C, h, w); sizes in latent pixels, hence factor 1
+        out = self.pipeline_class()._unpack_latents(out, h, w, 1)  # (B, C, h, w); sizes in latent pixels, hence factor 1
         return out, out
 
-    @property
-    def _pipeline_class(self):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
-
     def _ids(self, h, w, text_len, device, dtype, text_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(img_ids (h/2 * w/2, 3), txt_ids (L, 3)) as the pipeline makes them once per call; kept per shape here,
-        since the sampler calls the transformer step by step (rebuilding them was ~4% of a tiny model's call)."""
+        """(img_ids (h/2 * w/2, 3), txt_ids (L, 3)) as the pipeline makes them, once per call; kept per shape here
+        rather than rebuilt at every step, since the sampler calls the transformer step by step."""
         key = (h, w, text_len, str(device), dtype, text_dtype)
         cache = self.__dict__.setdefault("_ids_cache", {})
         if key not in cache:
-            img_ids = self._pipeline_class._prepare_latent_image_ids(None, h // 2, w // 2, device, dtype)
+            img_ids = self.pipeline_class()._prepare_latent_image_ids(None, h // 2, w // 2, device, dtype)
             cache.clear()  # one shape at a time in practice
             cache[key] = (img_ids, torch.zeros(text_len, 3, device=device, dtype=text_dtype))  # as encode_prompt
         return cache[key]
