@@ -2,9 +2,10 @@
 
     python bench/family_params.py        # 5-11 min on 2 shared cores, 0.75 GB: fake tensors, no weights
 
-Builds the UNet, VAE and text encoders of SD 1.5, SD 2.1 and SDXL base 1.0 from the values of their hub
-config.json files (written out here and in bench/memory_estimate.py), attaches the LoRA the way the trainer
-does (rank 4 on each family's default targets) and prints:
+Builds the UNet, VAE and text encoders of SD 1.5, SD 2.1 and SDXL base 1.0, and the transformer, VAE and text
+encoders of FLUX.1-dev, from the values of their hub config.json files (written out here and in
+bench/memory_estimate.py), attaches the LoRA the way the trainer does (rank 4 on each family's default targets)
+and prints:
 
 1. Exact parameter counts and the static memory per process as docs/scale_out.md counts it: the denoiser in
    fp32 (the trainer keeps it fp32 and autocasts), the frozen VAE and text encoders in half precision
@@ -19,7 +20,11 @@ does (rank 4 on each family's default targets) and prints:
    SD 1.5 is printed as the cross-check: memory_estimate.py's numbers, measured on real tensors and
    extrapolated, are in docs/scale_out.md ("fused" rows), and these must equal them.
 
-Per UNet row: a trajectory with classifier-free guidance is 2 rows, so ``train.batch_size`` B is 2B rows.
+Per UNet row: a trajectory with classifier-free guidance is 2 rows, so ``train.batch_size`` B is 2B rows. FLUX.1-dev
+has no CFG batch (the guidance is embedded): B trajectories are B transformer rows of 4096 image tokens (1024 px,
+2x2-packed 128x128x16 latents) and 512 T5 tokens.
+
+    python bench/family_params.py --only FLUX.1-dev    # one family (the SD 1.5 cross-check: --only "SD 1.5")
 Limits as in memory_estimate.py: a GPU adds the CUDA context (~0.3-1 GB), workspaces and the allocator's
 fragmentation (typically 5-20 %); CPU autocast's op lists approximate CUDA's.
 """
@@ -45,6 +50,17 @@ SDXL_UNET = dict(
 )
 OPENCLIP_BIGG_TEXT = {**CLIP_VIT_L14_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
                       "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+# black-forest-labs/FLUX.1-dev: transformer/, text_encoder_2/ (T5 v1.1 XXL encoder) and vae/ config.json.
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+FLUX_VAE = {**SD15_VAE, "latent_channels": 16, "sample_size": 1024, "use_quant_conv": False,
+            "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+FLUX_PX, FLUX_T5_TOKENS = 1024, 512
+FLUX_ROWS = (1, 2, 4)  # transformer rows: train.batch_size 1, 2, 4 (no CFG batch)
 FAMILIES = {
     "SD 1.5": ("sd", SD15_UNET, [("CLIPTextModel", CLIP_VIT_L14_TEXT)]),
     "SD 2.1": ("sd", SD21_UNET, [("CLIPTextModel", OPENCLIP_H_TEXT)]),
@@ -81,21 +97,41 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata  # the StorageImpl, shared by views (fake storages have no data_ptr)
 
 
-def step_memory(unet, unet_cfg: dict, rows: int, checkpointing: bool, bf16: bool) -> tuple[int, int]:
+def unet_inputs(unet_cfg: dict, rows: int) -> dict:
+    """A UNet's inputs at its native latent size (fake inside the FakeTensorMode)."""
+    size = unet_cfg["sample_size"]
+    inputs = {"sample": torch.randn(rows, 4, size, size),  # (R, 4, h, w)
+              "timestep": torch.tensor([500] * rows),
+              "encoder_hidden_states": torch.randn(rows, TEXT_TOKENS, unet_cfg["cross_attention_dim"])}  # (R, 77, E)
+    if unet_cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text (R, 1280) and 6 time ids
+        pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, pooled), "time_ids": torch.randn(rows, 6)}
+    return inputs
+
+
+def flux_inputs(cfg: dict, rows: int) -> dict:
+    """FLUX.1's transformer inputs as FluxFamily passes them: packed latents, T5 tokens, ids, t/1000, guidance."""
+    side = FLUX_PX // 16  # VAE factor 8, then 2x2 patches: 64x64 = 4096 tokens
+    return {"hidden_states": torch.randn(rows, side * side, cfg["in_channels"]),  # (R, 4096, 64)
+            "encoder_hidden_states": torch.randn(rows, FLUX_T5_TOKENS, cfg["joint_attention_dim"]),  # (R, 512, 4096)
+            "pooled_projections": torch.randn(rows, cfg["pooled_projection_dim"]),
+            "timestep": torch.full((rows,), 0.5), "guidance": torch.full((rows,), 3.5),
+            "txt_ids": torch.zeros(FLUX_T5_TOKENS, 3), "img_ids": torch.zeros(side * side, 3)}
+
+
+def _tensors(inputs: dict) -> list[torch.Tensor]:
+    return [t for v in inputs.values() for t in (_tensors(v) if isinstance(v, dict) else [v]) if torch.is_tensor(t)]
+
+
+def step_memory(unet, inputs: dict, checkpointing: bool, bf16: bool, blocks=None) -> tuple[int, int]:
     """(bytes held for the backward, bytes of the largest checkpointable block) of one forward at the native
-    latent size; the UNet is fake, so nothing is allocated. Mirrors memory_estimate.training_step."""
+    latent size; the model is fake, so nothing is allocated. Mirrors memory_estimate.training_step. ``blocks``:
+    the module classes gradient checkpointing wraps (a UNet's resnet and transformer blocks by default)."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    size = unet_cfg["sample_size"]
-    latents = torch.randn(rows, 4, size, size)  # (R, 4, h, w)
-    text = torch.randn(rows, TEXT_TOKENS, unet_cfg["cross_attention_dim"])  # (R, 77, E)
-    t = torch.tensor([500] * rows)
-    added = None
-    if unet_cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text (R, 1280) and 6 time ids
-        pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
-        added = {"text_embeds": torch.randn(rows, pooled), "time_ids": torch.randn(rows, 6)}
-    exclude = {_key(x) for x in [*unet.parameters(), *unet.buffers(), latents, text, t, *(added or {}).values()]}
+    blocks = blocks or (ResnetBlock2D, BasicTransformerBlock)
+    exclude = {_key(x) for x in [*unet.parameters(), *unet.buffers(), *_tensors(inputs)]}
     saved: dict[int, int] = {}
     owner: list[str] = []
     per_block: dict[str, int] = {}
@@ -119,14 +155,13 @@ def step_memory(unet, unet_cfg: dict, rows: int, checkpointing: bool, bf16: bool
         unet.enable_gradient_checkpointing(checkpoint_recording)
     else:
         unet.disable_gradient_checkpointing()
-        blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D | BasicTransformerBlock)]
-        for i, m in enumerate(blocks):
+        for i, m in enumerate(m for m in unet.modules() if isinstance(m, blocks)):
             hooks.append(m.register_forward_pre_hook(lambda mod, a, i=i: owner.append(str(i)) and None))
             hooks.append(m.register_forward_hook(lambda mod, a, o: owner.pop() and None))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            unet(latents, t, encoder_hidden_states=text, added_cond_kwargs=added)
+            unet(**inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -135,17 +170,68 @@ def step_memory(unet, unet_cfg: dict, rows: int, checkpointing: bool, bf16: bool
     return held, max(per_block.values(), default=0)
 
 
-def main() -> None:
+def _step_table(name: str, model, inputs, rows: tuple[int, ...], blocks=None) -> None:
+    """Print the fp32 / bf16, checkpointing off / on rows of one family (inside the FakeTensorMode)."""
+    _fake(model)
+    model.train()
+    for bf16 in (False, True):
+        largest_block = {}
+        for checkpointing in (False, True):  # plain first: checkpointing needs its largest block
+            cells = []
+            for r in rows:
+                held, block = step_memory(model, inputs(r), checkpointing, bf16, blocks)
+                largest_block.setdefault(r, block)
+                # The backward recomputes one checkpointed block at a time: its saved tensors come on top.
+                cells.append((held + (largest_block[r] if checkpointing else 0)) / GiB)
+            print(f"{name:<11}{'bf16' if bf16 else 'fp32':>10}{'on' if checkpointing else 'off':>15}"
+                  + "".join(f"{c:10.2f}" for c in cells))
+
+
+def flux_dev() -> None:
+    """FLUX.1-dev: parameters, static memory and one training step (no CFG: B rows for B trajectories)."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffalign.families import FluxFamily
+    from diffalign.pipeline import attach_lora
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        vae = AutoencoderKL(**FLUX_VAE)
+        text = (count(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_VIT_L14_TEXT)))
+                + count(transformers.T5EncoderModel(transformers.T5Config(**T5_XXL_ENCODER))))
+    lora = sum(p.numel() for p in attach_lora(model, 4, 4.0, list(FluxFamily.default_lora_targets)))
+    n_model, frozen = count(model) - lora, count(vae) + text
+    print(f"{'FLUX.1-dev':<11}{FLUX_PX:>6}{n_model:>15,d}{text:>15,d}{count(vae):>13,d}{lora:>11,d}   "
+          f"{n_model * 4 / GiB:.2f} + {frozen * 2 / GiB:.2f} ({frozen * 4 / GiB:.2f}) + {lora * 16 / GiB:.3f}")
+    print(f"\nFLUX.1-dev, one training step at {FLUX_PX} px (4096 image + {FLUX_T5_TOKENS} T5 tokens), memory held "
+          f"for the backward (GiB), fused attention; B = train.batch_size = transformer rows (no CFG)")
+    print(f"{'family':<11}{'precision':>10}{'checkpointing':>15}" + "".join(f"{f'B = {r}':>10}" for r in FLUX_ROWS))
+    with FakeTensorMode():
+        _step_table("FLUX.1-dev", model, lambda r: flux_inputs(FLUX_DEV_TRANSFORMER, r), FLUX_ROWS,
+                    (FluxTransformerBlock, FluxSingleTransformerBlock))
+
+
+def main(only: str | None = None) -> None:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from diffalign.pipeline import attach_lora
 
-    print(f"{'family':<8}{'px':>6}{'UNet':>15}{'text enc.':>15}{'VAE':>13}{'LoRA r4':>11}   static GiB: "
+    names = [n for n in FAMILIES if only in (None, n)]
+    if only not in (None, "FLUX.1-dev", *FAMILIES):
+        raise SystemExit(f"--only {only!r}: one of {', '.join([*FAMILIES, 'FLUX.1-dev'])}")
+
+    print(f"{'family':<11}{'px':>6}{'UNet':>15}{'text enc.':>15}{'VAE':>13}{'LoRA r4':>11}   static GiB: "
           f"UNet fp32 + frozen half (fp32) + LoRA/Adam")
     unets = {}
-    for name, (fam, unet_cfg, texts) in FAMILIES.items():
+    for name, (fam, unet_cfg, texts) in ((n, FAMILIES[n]) for n in names):
         with torch.device("meta"):
             unet = UNet2DConditionModel(**unet_cfg)
             vae = AutoencoderKL(**SD15_VAE)
@@ -154,29 +240,25 @@ def main() -> None:
         n_unet = count(unet) - lora
         px = unet_cfg["sample_size"] * 8
         frozen = count(vae) + text
-        print(f"{name:<8}{px:>6}{n_unet:>15,d}{text:>15,d}{count(vae):>13,d}{lora:>11,d}   "
+        print(f"{name:<11}{px:>6}{n_unet:>15,d}{text:>15,d}{count(vae):>13,d}{lora:>11,d}   "
               f"{n_unet * 4 / GiB:.2f} + {frozen * 2 / GiB:.2f} ({frozen * 4 / GiB:.2f}) + {lora * 16 / GiB:.3f}")
         unets[name] = (unet, unet_cfg)
 
-    print("\nOne training step at the native resolution, memory held for the backward (GiB), fused attention; "
-          "B = train.batch_size (2B UNet rows with CFG)")
-    print(f"{'family':<8}{'precision':>10}{'checkpointing':>15}" + "".join(f"{f'B = {r // 2}':>10}" for r in ROWS))
+    if unets:
+        print("\nOne training step at the native resolution, memory held for the backward (GiB), fused attention; "
+              "B = train.batch_size (2B UNet rows with CFG)")
+        print(f"{'family':<11}{'precision':>10}{'checkpointing':>15}" + "".join(f"{f'B = {r // 2}':>10}" for r in ROWS))
     with FakeTensorMode():
         for name, (unet, unet_cfg) in unets.items():
-            _fake(unet)
-            unet.train()
-            for bf16 in (False, True):
-                largest_block = {}
-                for checkpointing in (False, True):  # plain first: checkpointing needs its largest block
-                    cells = []
-                    for rows in ROWS:
-                        held, block = step_memory(unet, unet_cfg, rows, checkpointing, bf16)
-                        largest_block.setdefault(rows, block)
-                        # The backward recomputes one checkpointed block at a time: its saved tensors come on top.
-                        cells.append((held + (largest_block[rows] if checkpointing else 0)) / GiB)
-                    print(f"{name:<8}{'bf16' if bf16 else 'fp32':>10}{'on' if checkpointing else 'off':>15}"
-                          + "".join(f"{c:10.2f}" for c in cells))
+            _step_table(name, unet, lambda r, c=unet_cfg: unet_inputs(c, r), ROWS)
+    if only in (None, "FLUX.1-dev"):
+        print()
+        flux_dev()
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="one family, e.g. 'FLUX.1-dev' or 'SD 1.5'")
+    main(parser.parse_args().only)

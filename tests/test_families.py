@@ -35,15 +35,15 @@ def _assert_lora_trained(pipe_dir, cfg, lora_dir):
 
 
 def test_unsupported_pipeline_class_is_refused_naming_it(tmp_path):
-    # A healthy directory of a class no family drives yet (FLUX until part 2 lands it): the SD3 pipeline's files
-    # under another class name, as a FLUX directory would name itself.
-    build_sd3_pipeline(tmp_path / "flux")
-    index = json.loads((tmp_path / "flux" / "model_index.json").read_text())
-    (tmp_path / "flux" / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    # A healthy directory of a class no family drives: the SD3 pipeline's files under another class name, as a
+    # PixArt-Sigma directory would name itself.
+    build_sd3_pipeline(tmp_path / "pixart")
+    index = json.loads((tmp_path / "pixart" / "model_index.json").read_text())
+    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps(index | {"_class_name": "PixArtSigmaPipeline"}))
     with pytest.raises(ModelLoadError) as err:
-        load_pipeline(str(tmp_path / "flux"))
+        load_pipeline(str(tmp_path / "pixart"))
     msg = str(err.value)
-    assert "FluxPipeline" in msg and "StableDiffusionXLPipeline" in msg and "StableDiffusion3Pipeline" in msg
+    assert "PixArtSigmaPipeline" in msg and "StableDiffusionXLPipeline" in msg and "FluxPipeline" in msg
     assert "damaged" not in msg
 
 

@@ -54,9 +54,11 @@ class SampleConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Trajectories per sampling batch per process.")
     num_batches_per_epoch: int = Field(2, ge=1, description="Sampling batches per epoch per process.")
     num_steps: int = Field(20, ge=2, le=1000, description="DDIM steps per trajectory.")
-    guidance_scale: float = Field(4.0, ge=1.0, description="Classifier-free guidance scale (1 disables CFG).")
+    guidance_scale: float = Field(4.0, ge=1.0, description="Classifier-free guidance scale (1 disables CFG). For "
+                                  "FLUX.1 the embedded guidance instead (FLUX.1-dev: 3.5; no CFG batch; ignored by "
+                                  "FLUX.1-schnell).")
     eta: float = Field(1.0, gt=0, le=1.0, description="Noise of the stochastic step; must be > 0 so that steps have a "
-                       "log-probability. DDIM's eta for SD / SDXL; for flow-matching models (SD3) the SDE's noise "
+                       "log-probability. DDIM's eta for SD / SDXL; for flow-matching models (SD3, FLUX) the SDE's noise "
                        "level a (Flow-GRPO uses 0.7).")
     log_prob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="Reduce per-element log-densities over latent elements by mean (as ddpo-pytorch) or sum."

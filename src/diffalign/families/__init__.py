@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 from .base import Conditioning, Family
+from .flux import FluxFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family,
+                                      FluxFamily)
 
 
 def supported_classes() -> list[str]:
@@ -35,6 +37,6 @@ def family_for(pipe) -> Family:
     raise ValueError(f"{type(pipe).__name__} is not a supported pipeline; diffalign drives {', '.join(supported_classes())}")
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily",
+__all__ = ["FAMILIES", "Conditioning", "Family", "FluxFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily",
            "family_class",
            "family_for", "supported_classes"]

@@ -65,13 +65,21 @@ class FlowMatchFamily(Family):
 
     def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
         """The stock pipeline's grid: SD3 shifts by ``shift``; schedulers with dynamic shifting (FLUX) by ``mu``
-        from the image's token count, as the pipelines compute it."""
+        from the image's token count, as the pipelines compute it; a family whose pipeline passes its own unshifted
+        sigmas (FLUX) gives them in ``grid_sigmas``."""
         s = self.scheduler
         kwargs = {}
         if s.config.get("use_dynamic_shifting", False):
             kwargs["mu"] = self.dynamic_shift_mu()
-        s.set_timesteps(num_steps, device=device, **kwargs)
+        sigmas = self.grid_sigmas(num_steps)
+        if sigmas is not None:
+            kwargs["sigmas"] = sigmas
+        s.set_timesteps(None if sigmas is not None else num_steps, device=device, **kwargs)
         return s.timesteps
+
+    def grid_sigmas(self, num_steps: int) -> list[float] | None:
+        """The unshifted sigmas the stock pipeline passes to ``set_timesteps``; None: the scheduler's own."""
+        return None
 
     def dynamic_shift_mu(self) -> float:
         raise NotImplementedError
@@ -130,7 +138,20 @@ class FlowMatchFamily(Family):
         var = (s**2 - r**2 * s_next**2).clamp(min=1e-12)
         return gaussian_log_prob(x_t.float(), r * x_next.float(), var.sqrt().expand_as(x_t), reduction)
 
+    def decode(self, latents):
+        """(B, C, h, w) latents -> images in [0, 1], as the stock pipelines: undo the VAE's scaling and shift."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
     # -- HERO ---------------------------------------------------------------------------------------
+    def pool_features(self, output) -> torch.Tensor:
+        # SD3's and FLUX's transformer blocks return (text tokens, image tokens); the image tokens are (B, N, D).
+        out = output[1] if isinstance(output, tuple) else output
+        return out.float().mean(dim=1)
+
     def noise_for_features(self, x0, noise, timestep):
         s = _view(torch.as_tensor(timestep, dtype=torch.float32) / self.scheduler.config.num_train_timesteps, x0)
         return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)

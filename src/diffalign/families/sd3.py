@@ -70,21 +70,9 @@ class StableDiffusion3Family(FlowMatchFamily):
         uncond, text = out.chunk(2)
         return uncond + guidance_scale * (text - uncond), text
 
-    def decode(self, latents):
-        vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        with torch.no_grad():
-            images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
     # -- HERO: a middle transformer block's image tokens, averaged ------------------------------------
     def feature_block(self) -> str:
         return f"transformer_blocks.{len(self.denoiser.transformer_blocks) // 2}"
-
-    def pool_features(self, output) -> torch.Tensor:
-        # A JointTransformerBlock returns (text tokens, image tokens); the image tokens are (B, N, D).
-        out = output[1] if isinstance(output, tuple) else output
-        return out.float().mean(dim=1)
 
 
 __all__ = ["StableDiffusion3Family"]
