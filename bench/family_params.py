@@ -3,7 +3,7 @@
     python bench/family_params.py        # 5-11 min on 2 shared cores, 0.75 GB: fake tensors, no weights
 
 Builds the UNet, VAE and text encoders of SD 1.5, SD 2.1 and SDXL base 1.0, and the transformer, VAE and text
-encoders of FLUX.1-dev, from the values of their hub config.json files (written out here and in
+encoders of FLUX.1-dev, SD3.5-medium and SD3.5-large, from the values of their hub config.json files (written out here and in
 bench/memory_estimate.py), attaches the LoRA the way the trainer does (rank 4 on each family's default targets)
 and prints:
 
@@ -22,7 +22,8 @@ and prints:
 
 Per UNet row: a trajectory with classifier-free guidance is 2 rows, so ``train.batch_size`` B is 2B rows. FLUX.1-dev
 has no CFG batch (the guidance is embedded): B trajectories are B transformer rows of 4096 image tokens (1024 px,
-2x2-packed 128x128x16 latents) and 512 T5 tokens.
+2x2-packed 128x128x16 latents) and 512 T5 tokens. SD3.5 has CFG (2B rows) of 4096 image tokens (2x2 patches of
+128x128x16) and 77 CLIP + 256 T5 tokens.
 
     python bench/family_params.py --only FLUX.1-dev    # one family (the SD 1.5 cross-check: --only "SD 1.5")
 Limits as in memory_estimate.py: a GPU adds the CUDA context (~0.3-1 GB), workspaces and the allocator's
@@ -61,6 +62,20 @@ FLUX_VAE = {**SD15_VAE, "latent_channels": 16, "sample_size": 1024, "use_quant_c
             "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 FLUX_PX, FLUX_T5_TOKENS = 1024, 512
 FLUX_ROWS = (1, 2, 4)  # transformer rows: train.batch_size 1, 2, 4 (no CFG batch)
+# stabilityai/stable-diffusion-3.5-medium and -large: transformer/ and vae/ config.json (MM-DiT, QK RMS-norm; the
+# medium model's first 13 blocks have a second, image-only attention). Text: CLIP-L and CLIP-G with projections
+# (pooled 768 + 1280 = 2048) and T5 v1.1 XXL; the token sequence is 77 CLIP + 256 T5 tokens.
+SD35_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                               attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                               caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                               dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35_LARGE_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                              attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                              caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                              qk_norm="rms_norm")
+SD3_VAE = {**FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+SD3_TOKENS = 77
+SD3_T5_TOKENS = 256
 FAMILIES = {
     "SD 1.5": ("sd", SD15_UNET, [("CLIPTextModel", CLIP_VIT_L14_TEXT)]),
     "SD 2.1": ("sd", SD21_UNET, [("CLIPTextModel", OPENCLIP_H_TEXT)]),
@@ -187,34 +202,71 @@ def _step_table(name: str, model, inputs, rows: tuple[int, ...], blocks=None) ->
                   + "".join(f"{c:10.2f}" for c in cells))
 
 
-def flux_dev() -> None:
-    """FLUX.1-dev: parameters, static memory and one training step (no CFG: B rows for B trajectories)."""
+def sd3_inputs(cfg: dict, rows: int) -> dict:
+    """SD3's transformer inputs as StableDiffusion3Family passes them (CFG: 2 rows per trajectory)."""
+    side = cfg["sample_size"]
+    return {"hidden_states": torch.randn(rows, cfg["in_channels"], side, side),  # (R, 16, 128, 128)
+            "encoder_hidden_states": torch.randn(rows, SD3_TOKENS + SD3_T5_TOKENS, cfg["joint_attention_dim"]),
+            "pooled_projections": torch.randn(rows, cfg["pooled_projection_dim"]),
+            "timestep": torch.full((rows,), 500.0)}
+
+
+def flow_transformers() -> dict:
+    """name -> (model class, config, VAE config, text encoders, inputs, rows, checkpointed blocks, family, caption)."""
     import transformers
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import (
         FluxSingleTransformerBlock,
         FluxTransformerBlock,
     )
+
+    from diffalign.families import FluxFamily, StableDiffusion3Family
+
+    clip_l = (transformers.CLIPTextModelWithProjection, transformers.CLIPTextConfig, CLIP_VIT_L14_TEXT)
+    clip_g = (transformers.CLIPTextModelWithProjection, transformers.CLIPTextConfig, OPENCLIP_BIGG_TEXT)
+    t5 = (transformers.T5EncoderModel, transformers.T5Config, T5_XXL_ENCODER)
+    sd3 = dict(vae=SD3_VAE, texts=[clip_l, clip_g, t5], rows=ROWS, blocks=(JointTransformerBlock,),
+               family=StableDiffusion3Family,
+               caption=f"({(128 // 2) ** 2} image + {SD3_TOKENS} CLIP + {SD3_T5_TOKENS} T5 tokens); "
+                       f"B = train.batch_size (2B transformer rows with CFG)")
+    return {
+        "FLUX.1-dev": dict(cls=FluxTransformer2DModel, cfg=FLUX_DEV_TRANSFORMER, vae=FLUX_VAE,
+                           texts=[(transformers.CLIPTextModel, transformers.CLIPTextConfig, CLIP_VIT_L14_TEXT), t5],
+                           inputs=flux_inputs, rows=FLUX_ROWS, blocks=(FluxTransformerBlock, FluxSingleTransformerBlock),
+                           family=FluxFamily, caption=f"(4096 image + {FLUX_T5_TOKENS} T5 tokens); "
+                                                      "B = train.batch_size = transformer rows (no CFG)"),
+        "SD3.5-medium": dict(cls=SD3Transformer2DModel, cfg=SD35_MEDIUM_TRANSFORMER, inputs=sd3_inputs, **sd3),
+        "SD3.5-large": dict(cls=SD3Transformer2DModel, cfg=SD35_LARGE_TRANSFORMER, inputs=sd3_inputs, **sd3),
+    }
+
+
+FLOW_NAMES = ("FLUX.1-dev", "SD3.5-medium", "SD3.5-large")
+
+
+def flow_transformer(name: str) -> None:
+    """A rectified-flow transformer family: parameters, static memory and one training step at 1024 px."""
+    from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffalign.families import FluxFamily
     from diffalign.pipeline import attach_lora
 
+    spec = flow_transformers()[name]
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
-        vae = AutoencoderKL(**FLUX_VAE)
-        text = (count(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_VIT_L14_TEXT)))
-                + count(transformers.T5EncoderModel(transformers.T5Config(**T5_XXL_ENCODER))))
-    lora = sum(p.numel() for p in attach_lora(model, 4, 4.0, list(FluxFamily.default_lora_targets)))
+        model = spec["cls"](**spec["cfg"])
+        vae = AutoencoderKL(**spec["vae"])
+        text = sum(count(cls(config_cls(**cfg))) for cls, config_cls, cfg in spec["texts"])
+    lora = sum(p.numel() for p in attach_lora(model, 4, 4.0, list(spec["family"].default_lora_targets)))
     n_model, frozen = count(model) - lora, count(vae) + text
-    print(f"{'FLUX.1-dev':<11}{FLUX_PX:>6}{n_model:>15,d}{text:>15,d}{count(vae):>13,d}{lora:>11,d}   "
+    print(f"{name:<13}{FLUX_PX:>6}{n_model:>15,d}{text:>15,d}{count(vae):>13,d}{lora:>11,d}   "
           f"{n_model * 4 / GiB:.2f} + {frozen * 2 / GiB:.2f} ({frozen * 4 / GiB:.2f}) + {lora * 16 / GiB:.3f}")
-    print(f"\nFLUX.1-dev, one training step at {FLUX_PX} px (4096 image + {FLUX_T5_TOKENS} T5 tokens), memory held "
-          f"for the backward (GiB), fused attention; B = train.batch_size = transformer rows (no CFG)")
-    print(f"{'family':<11}{'precision':>10}{'checkpointing':>15}" + "".join(f"{f'B = {r}':>10}" for r in FLUX_ROWS))
+    print(f"\n{name}, one training step at {FLUX_PX} px {spec['caption']}; memory held for the backward (GiB), "
+          f"fused attention")
+    cfg_batch = spec["rows"] is ROWS
+    print(f"{'family':<13}{'precision':>8}{'checkpointing':>15}"
+          + "".join(f"{f'B = {r // 2 if cfg_batch else r}':>10}" for r in spec["rows"]))
     with FakeTensorMode():
-        _step_table("FLUX.1-dev", model, lambda r: flux_inputs(FLUX_DEV_TRANSFORMER, r), FLUX_ROWS,
-                    (FluxTransformerBlock, FluxSingleTransformerBlock))
+        _step_table(name, model, lambda r: spec["inputs"](spec["cfg"], r), spec["rows"], spec["blocks"])
 
 
 def main(only: str | None = None) -> None:
@@ -225,8 +277,8 @@ def main(only: str | None = None) -> None:
     from diffalign.pipeline import attach_lora
 
     names = [n for n in FAMILIES if only in (None, n)]
-    if only not in (None, "FLUX.1-dev", *FAMILIES):
-        raise SystemExit(f"--only {only!r}: one of {', '.join([*FAMILIES, 'FLUX.1-dev'])}")
+    if only not in (None, *FLOW_NAMES, *FAMILIES):
+        raise SystemExit(f"--only {only!r}: one of {', '.join([*FAMILIES, *FLOW_NAMES])}")
 
     print(f"{'family':<11}{'px':>6}{'UNet':>15}{'text enc.':>15}{'VAE':>13}{'LoRA r4':>11}   static GiB: "
           f"UNet fp32 + frozen half (fp32) + LoRA/Adam")
@@ -251,14 +303,15 @@ def main(only: str | None = None) -> None:
     with FakeTensorMode():
         for name, (unet, unet_cfg) in unets.items():
             _step_table(name, unet, lambda r, c=unet_cfg: unet_inputs(c, r), ROWS)
-    if only in (None, "FLUX.1-dev"):
-        print()
-        flux_dev()
+    for name in FLOW_NAMES:
+        if only in (None, name):
+            print()
+            flow_transformer(name)
 
 
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="one family, e.g. 'FLUX.1-dev' or 'SD 1.5'")
+    parser.add_argument("--only", help="one family, e.g. 'FLUX.1-dev', 'SD3.5-large' or 'SD 1.5'")
     main(parser.parse_args().only)
