@@ -2,17 +2,19 @@
 against the stock pipeline, the SDE step's log-probability against a direct Gaussian, x0_hat and DAG's backward
 kernel against the rectified-flow marginals, every algorithm for one short run, and the LoRA round trip."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffalign.config import load_config
 from diffalign.families import StableDiffusion3Family, family_for
-from diffalign.pipeline import attach_lora, load_pipeline, lora_state_dict
+from diffalign.pipeline import load_pipeline
 from diffalign.sampling import sample_trajectories
 from tests.conftest import tiny_run_overrides
+from tests.helpers.family_checks import (
+    assert_lora_trained,
+    assert_resume_continues_exactly,
+    run_feedback_algorithm,
+)
 from tests.helpers.tiny_flow import build_sd3_pipeline
 
 BRIGHT = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:brightness"}}]'
@@ -94,18 +96,6 @@ def test_x0_hat_and_backward_kernel_follow_the_rectified_flow_marginals(sd3):
     torch.testing.assert_close(lp, direct, rtol=1e-5, atol=1e-2)
 
 
-def _assert_lora_trained(sd3_dir, cfg, lora_dir):
-    saved = {k.removeprefix("transformer."): v
-             for k, v in load_file(str(lora_dir / "pytorch_lora_weights.safetensors")).items()}
-    pipe = load_pipeline(str(sd3_dir))
-    torch.manual_seed(cfg.train.seed)
-    attach_lora(family_for(pipe).denoiser, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
-    initial = lora_state_dict(family_for(pipe).denoiser)
-    assert saved.keys() == initial.keys() and saved
-    assert all(torch.isfinite(v).all() for v in saved.values())
-    assert any(not torch.equal(saved[k], initial[k]) for k in saved), "no LoRA weight changed"
-
-
 def _overrides(sd3_dir, out, *extra):
     return tiny_run_overrides(sd3_dir, out, BRIGHT, "sample.eta=0.7", "train.learning_rate=1e-2", *extra)
 
@@ -118,7 +108,7 @@ def test_sd3_trains_every_sampled_algorithm(sd3_dir, tmp_path, algorithm):
     result = train(cfg, log=lambda m: None)
     losses = [v for k, v in result.history[-1].items() if k.startswith("train/") and k.endswith("loss")]
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
-    _assert_lora_trained(sd3_dir, cfg, result.lora_dir)
+    assert_lora_trained(sd3_dir, cfg, result.lora_dir)
     if algorithm == "ddpo":  # the LoRA round trip through stock StableDiffusion3Pipeline.load_lora_weights
         from diffusers import StableDiffusion3Pipeline
 
@@ -139,35 +129,15 @@ def test_sd3_trains_every_sampled_algorithm(sd3_dir, tmp_path, algorithm):
 
 @pytest.mark.slow
 def test_sd3_resume_continues_exactly(sd3_dir, tmp_path):
-    from diffalign.trainer import train
-
-    full = train(load_config(overrides=_overrides(sd3_dir, tmp_path / "full", "train.epochs=2")), log=lambda m: None)
-    train(load_config(overrides=_overrides(sd3_dir, tmp_path / "split", "train.epochs=1")), log=lambda m: None)
-    resumed = train(load_config(overrides=_overrides(sd3_dir, tmp_path / "split", "train.epochs=2")),
-                    resume=True, log=lambda m: None)
-    a = load_file(str(full.lora_dir / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed.lora_dir / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert [h["reward_mean"] for h in full.history] == [h["reward_mean"] for h in resumed.history]
+    assert_resume_continues_exactly(lambda out, *extra: _overrides(sd3_dir, out, *extra), tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["hero", "d3po", "ddpo-binary"])
 def test_sd3_runs_every_feedback_algorithm(sd3_dir, tmp_path, algorithm):
-    from diffalign.feedback.loop import run_feedback
-
-    out = tmp_path / algorithm
-    cfg = load_config(overrides=_overrides(
-        sd3_dir, out, f'feedback.algorithm="{algorithm}"', "feedback.rounds=2", "feedback.images_per_round=4",
-        "feedback.prompts=['two red circles']", "feedback.simulated_noise_rate=0.5", "feedback.eval_samples=2",
-        "hero.embed_steps=3"))
-    result = run_feedback(cfg, evaluator="simulated", log=lambda m: None)
-    assert result.labels_used == 8
-    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [h["round"] for h in history] == [1, 2]
-    _assert_lora_trained(sd3_dir, cfg, result.lora_dir)
+    cfg, result = run_feedback_algorithm(lambda out, *extra: _overrides(sd3_dir, out, *extra), tmp_path / algorithm,
+                                         algorithm)
+    assert_lora_trained(sd3_dir, cfg, result.lora_dir)
 
 
 def test_hero_reads_a_middle_transformer_block_by_default(sd3):
