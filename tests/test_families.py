@@ -13,6 +13,7 @@ from diffalign.families import StableDiffusionXLFamily, family_for
 from diffalign.pipeline import ModelLoadError, attach_lora, load_pipeline, lora_state_dict
 from diffalign.sampling import sample_trajectories
 from tests.conftest import tiny_run_overrides
+from tests.helpers.family_checks import assert_stock_pipeline_applies_lora
 from tests.helpers.tiny_flow import build_sd3_pipeline
 
 BRIGHT = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:brightness"}}]'
@@ -125,18 +126,7 @@ def test_sdxl_trains_and_resumes_every_sampled_algorithm(sdxl_dir, tmp_path, alg
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir), add_watermarker=False)
-        pipe.set_progress_bar_config(disable=True)
-
-        def image():
-            return pipe("two red circles", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                        output_type="pt").images
-
-        before = image()
-        pipe.load_lora_weights(str(full.lora_dir))
-        after = image()
-        assert (after - before).abs().max() > 1e-4  # the LoRA is applied
-        pipe.disable_lora()
-        torch.testing.assert_close(image(), before)
+        assert_stock_pipeline_applies_lora(pipe, full.lora_dir)
 
 
 @pytest.mark.parametrize("algorithm", ["hero", "d3po", "ddpo-binary"])

@@ -15,6 +15,7 @@ from tests.conftest import tiny_run_overrides
 from tests.helpers.family_checks import (
     assert_lora_trained,
     assert_resume_continues_exactly,
+    assert_stock_pipeline_applies_lora,
     run_feedback_algorithm,
 )
 from tests.helpers.tiny_flow import T5_TOKENS, build_flux_pipeline
@@ -164,19 +165,8 @@ def test_flux_trains_every_sampled_algorithm(flux_dir, tmp_path, algorithm):
     if algorithm == "ddpo":  # the LoRA round trip through stock FluxPipeline.load_lora_weights
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(str(flux_dir))
-        pipe.set_progress_bar_config(disable=True)
-
-        def image():
-            return pipe("two red circles", height=16, width=16, max_sequence_length=T5_TOKENS, num_inference_steps=3,
-                        generator=torch.Generator().manual_seed(0), output_type="pt").images
-
-        before = image()
-        pipe.load_lora_weights(str(result.lora_dir))
-        after = image()
-        assert (after - before).abs().max() > 1e-4  # the LoRA is applied
-        pipe.disable_lora()
-        torch.testing.assert_close(image(), before)
+        assert_stock_pipeline_applies_lora(FluxPipeline.from_pretrained(str(flux_dir)), result.lora_dir, height=16,
+                                           width=16, max_sequence_length=T5_TOKENS)
 
 
 @pytest.mark.slow

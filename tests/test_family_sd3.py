@@ -13,6 +13,7 @@ from tests.conftest import tiny_run_overrides
 from tests.helpers.family_checks import (
     assert_lora_trained,
     assert_resume_continues_exactly,
+    assert_stock_pipeline_applies_lora,
     run_feedback_algorithm,
 )
 from tests.helpers.tiny_flow import build_sd3_pipeline
@@ -113,18 +114,7 @@ def test_sd3_trains_every_sampled_algorithm(sd3_dir, tmp_path, algorithm):
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), text_encoder_3=None, tokenizer_3=None)
-        pipe.set_progress_bar_config(disable=True)
-
-        def image():
-            return pipe("two red circles", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                        output_type="pt").images
-
-        before = image()
-        pipe.load_lora_weights(str(result.lora_dir))
-        after = image()
-        assert (after - before).abs().max() > 1e-4  # the LoRA is applied
-        pipe.disable_lora()
-        torch.testing.assert_close(image(), before)
+        assert_stock_pipeline_applies_lora(pipe, result.lora_dir)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from diffalign.config import load_config
 from diffalign.rewards import RewardError
 from diffalign.trainer import Trainer, epoch_generator, train
 from tests.conftest import tiny_run_overrides
+from tests.helpers.family_checks import assert_stock_pipeline_applies_lora
 
 BRIGHT = 'reward.terms=[{name="python", args={function="tests.helpers.user_rewards:brightness"}}]'
 
@@ -61,19 +62,8 @@ def test_lora_loads_in_stock_diffusers(tiny_pipe_dir, tmp_path):
 
     result = train(_cfg(tiny_pipe_dir, tmp_path / "run", "train.epochs=1", "train.learning_rate=5e-2"),
                    log=lambda m: None)
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipe_dir), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("two red circles", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                    output_type="pt").images
-
-    before = image()
-    pipe.load_lora_weights(str(result.lora_dir))
-    after = image()
-    assert (after - before).abs().max() > 1e-4  # the LoRA is applied
-    pipe.disable_lora()
-    torch.testing.assert_close(image(), before)
+    assert_stock_pipeline_applies_lora(StableDiffusionPipeline.from_pretrained(str(tiny_pipe_dir), safety_checker=None),
+                                       result.lora_dir)
 
 
 def test_failing_reward_stops_with_a_clear_message_and_trains_nothing(tiny_pipe_dir, tmp_path):

@@ -58,3 +58,19 @@ def run_feedback_algorithm(overrides, out, algorithm: str):
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["round"] for h in history] == [1, 2]
     return cfg, result
+
+
+def assert_stock_pipeline_applies_lora(pipe, lora_dir, **call) -> None:
+    """The saved LoRA, loaded by the stock pipeline's own ``load_lora_weights``, changes its images, and
+    ``disable_lora`` gives the original images back (the ecosystem round trip)."""
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("two red circles", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **call).images
+
+    before = image()
+    pipe.load_lora_weights(str(lora_dir))
+    assert (image() - before).abs().max() > 1e-4  # the LoRA is applied
+    pipe.disable_lora()
+    torch.testing.assert_close(image(), before)
