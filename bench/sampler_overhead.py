@@ -4,13 +4,14 @@ Same pipeline, prompts, steps, guidance, eta and batch; the two are timed altern
 that machine noise hits both alike, and the ratios of medians and of minima are reported per model.
 Goal: <= 1.05 each.
 
-    .venv/bin/python bench/sampler_overhead.py [--models toy,tiny-sd-v,tiny-sdxl,tiny-sd3,tiny-flux] [--batch 16]
+    .venv/bin/python bench/sampler_overhead.py [--models toy,tiny-sd-v,tiny-sdxl,tiny-sd3,tiny-flux,small-flux] [--batch 16]
 
 Models: "toy" (SD 1.x, StableDiffusionPipeline), "tiny-sd-v" (the toy architecture with random weights and a
 v-prediction scheduler: SD 2.x), "tiny-sdxl" (a random StableDiffusionXLPipeline at 64 px with two CLIP
 encoders, pooled embeddings and add_time_ids), "tiny-sd3" (a random StableDiffusion3Pipeline, flow matching),
 "tiny-flux" (a random FluxPipeline with the guidance embedding: packed latents, no CFG batch; the stock call gets
-the height, width and T5 length the family samples at), each built by tests/helpers/ into a temporary directory;
+the height, width and T5 length the family samples at), "small-flux" (the same with 2 + 4 blocks of width 4 x 32,
+a step ~10x the tiny one's), each built by tests/helpers/ into a temporary directory;
 or any pipeline directory. Tiny denoisers are the
 hard case for this ratio: the sampler's own Python work (log-probs, stored tensors) is a larger share of a
 step than on a real checkpoint.
@@ -35,14 +36,17 @@ from diffalign.toy.prompts import load_prompts
 
 
 def _model_dir(name: str, tmp: Path) -> str:
-    if name not in ("tiny-sd-v", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
+    if name not in ("tiny-sd-v", "tiny-sdxl", "tiny-sd3", "tiny-flux", "small-flux"):
         return name
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
     from tests.helpers.tiny_families import build_sd_v_prediction, build_sdxl
     from tests.helpers.tiny_flow import build_flux_pipeline, build_sd3_pipeline
 
     build = {"tiny-sd-v": build_sd_v_prediction, "tiny-sdxl": build_sdxl, "tiny-sd3": build_sd3_pipeline,
-             "tiny-flux": build_flux_pipeline}[name]
+             "tiny-flux": build_flux_pipeline,
+             # 2 double- + 4 single-stream blocks of width 4 x 32: a transformer step ~10x the tiny one's, to show the
+             # SDE step's cost is fixed per step and shrinks as a share of a larger model's
+             "small-flux": lambda d: build_flux_pipeline(d, blocks=(2, 4), heads=4, head_dim=32)}[name]
     build(tmp / name)
     return str(tmp / name)
 
@@ -79,7 +83,7 @@ def measure(model: str, args, prompts: list[str]) -> tuple[str, dict[str, list[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="toy,tiny-sd-v,tiny-sdxl,tiny-sd3,tiny-flux", help="comma-separated: toy, "
+    ap.add_argument("--models", default="toy,tiny-sd-v,tiny-sdxl,tiny-sd3,tiny-flux", help="comma-separated: toy, small-flux, "
                     "tiny-sd-v, tiny-sdxl, tiny-sd3, tiny-flux or pipeline directories")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)

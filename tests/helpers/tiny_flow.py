@@ -66,10 +66,12 @@ def _t5_tokenizer(directory: Path):
     return T5TokenizerFast.from_pretrained(directory)
 
 
-def build_flux_pipeline(directory: Path, seed: int = 0, guidance_embeds: bool = True):
-    """A FluxPipeline at 16 px (16x16x4 latents, packed to 64 tokens of 16 channels; one double-stream and two
-    single-stream blocks), saved to ``directory``. ``guidance_embeds`` as FLUX.1-dev (True) or -schnell (False).
-    The VAE's ``sample_size`` (16) is the resolution the family samples at, as FLUX.1's VAE config says 1024."""
+def build_flux_pipeline(directory: Path, seed: int = 0, guidance_embeds: bool = True, blocks: tuple[int, int] = (1, 2),
+                        heads: int = 2, head_dim: int = 8):
+    """A FluxPipeline at 16 px (16x16x4 latents, packed to 64 tokens of 16 channels; by default one double-stream
+    and two single-stream blocks of width 2 x 8), saved to ``directory``. ``guidance_embeds`` as FLUX.1-dev (True)
+    or -schnell (False). The VAE's ``sample_size`` (16) is the resolution the family samples at, as FLUX.1's VAE
+    config says 1024. ``blocks``/``heads``/``head_dim`` make a larger transformer (bench/sampler_overhead.py)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -82,10 +84,12 @@ def build_flux_pipeline(directory: Path, seed: int = 0, guidance_embeds: bool = 
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=TEXT_WIDTH, d_kv=8, d_ff=37, num_layers=2,
                                  num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1,
-                                         num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                         joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
-                                         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 2, 2))
+    rope = (head_dim // 2, head_dim // 4, head_dim // 4)  # RoPE axes: (text, image row, image column), sum head_dim
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=blocks[0],
+                                         num_single_layers=blocks[1], attention_head_dim=head_dim,
+                                         num_attention_heads=heads, joint_attention_dim=TEXT_WIDTH,
+                                         pooled_projection_dim=TEXT_WIDTH, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=rope)
     vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, sample_size=16,
                         scaling_factor=1.5, shift_factor=0.1)
