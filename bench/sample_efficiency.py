@@ -104,8 +104,10 @@ def run_one(reward: str, algorithm: str, seed: int, args) -> dict:
                   + " ".join(f"{k} {v:.3f}" for k, v in points[-1].items() if k != "trajectories"), flush=True)
             if epoch + 1 < epochs:
                 trainer.save_checkpoint()
-                partial_path.write_text(json.dumps({"epoch": epoch + 1, "points": points, "epochs": epochs_log,
-                                                    "seconds": time.time() - t0}))
+                tmp = partial_path.with_suffix(".tmp")  # replaced atomically: a kill never leaves half a file
+                tmp.write_text(json.dumps({"epoch": epoch + 1, "points": points, "epochs": epochs_log,
+                                           "seconds": time.time() - t0}))
+                tmp.replace(partial_path)
     return {"reward": reward, "algorithm": algorithm + args.tag, "seed": seed, "points": points, "set": args.set,
             "train_seconds": time.time() - t0, "epochs": epochs_log}
 
