@@ -226,14 +226,14 @@ def flow_transformers() -> dict:
     clip_l = (transformers.CLIPTextModelWithProjection, transformers.CLIPTextConfig, CLIP_VIT_L14_TEXT)
     clip_g = (transformers.CLIPTextModelWithProjection, transformers.CLIPTextConfig, OPENCLIP_BIGG_TEXT)
     t5 = (transformers.T5EncoderModel, transformers.T5Config, T5_XXL_ENCODER)
-    sd3 = dict(vae=SD3_VAE, texts=[clip_l, clip_g, t5], rows=ROWS, blocks=(JointTransformerBlock,),
+    sd3 = dict(vae=SD3_VAE, texts=[clip_l, clip_g, t5], rows=ROWS, cfg_batch=True, blocks=(JointTransformerBlock,),
                family=StableDiffusion3Family,
                caption=f"({(128 // 2) ** 2} image + {SD3_TOKENS} CLIP + {SD3_T5_TOKENS} T5 tokens); "
                        f"B = train.batch_size (2B transformer rows with CFG)")
     return {
         "FLUX.1-dev": dict(cls=FluxTransformer2DModel, cfg=FLUX_DEV_TRANSFORMER, vae=FLUX_VAE,
                            texts=[(transformers.CLIPTextModel, transformers.CLIPTextConfig, CLIP_VIT_L14_TEXT), t5],
-                           inputs=flux_inputs, rows=FLUX_ROWS, blocks=(FluxTransformerBlock, FluxSingleTransformerBlock),
+                           inputs=flux_inputs, rows=FLUX_ROWS, cfg_batch=False, blocks=(FluxTransformerBlock, FluxSingleTransformerBlock),
                            family=FluxFamily, caption=f"(4096 image + {FLUX_T5_TOKENS} T5 tokens); "
                                                       "B = train.batch_size = transformer rows (no CFG)"),
         "SD3.5-medium": dict(cls=SD3Transformer2DModel, cfg=SD35_MEDIUM_TRANSFORMER, inputs=sd3_inputs, **sd3),
@@ -262,7 +262,7 @@ def flow_transformer(name: str) -> None:
           f"{n_model * 4 / GiB:.2f} + {frozen * 2 / GiB:.2f} ({frozen * 4 / GiB:.2f}) + {lora * 16 / GiB:.3f}")
     print(f"\n{name}, one training step at {FLUX_PX} px {spec['caption']}; memory held for the backward (GiB), "
           f"fused attention")
-    cfg_batch = spec["rows"] is ROWS
+    cfg_batch = spec["cfg_batch"]  # CFG doubles the rows: label columns by train.batch_size
     print(f"{'family':<13}{'precision':>8}{'checkpointing':>15}"
           + "".join(f"{f'B = {r // 2 if cfg_batch else r}':>10}" for r in spec["rows"]))
     with FakeTensorMode():
