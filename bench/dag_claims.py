@@ -117,6 +117,27 @@ def pareto(runs: list[dict], reward: str, path: Path) -> list[str]:
     return lines
 
 
+def diversity_at_target(runs: list[dict], reward: str, target_budget: int) -> list[str]:
+    """Seed-level version of the matched-reward comparison: per run, the mean Vendi of its checkpoints whose
+    evaluation reward is at least DDPO's mean at ``target_budget``; then mean +- std over the runs that got there
+    (checkpoints of one run are not independent, seeds are)."""
+    ddpo = [p["reward_mean"] for r in runs if r["reward"] == reward and r["algorithm"] == "ddpo"
+            for p in r["points"] if p["trajectories"] == target_budget]
+    if not ddpo:
+        return []
+    target = float(np.mean(ddpo))
+    lines = [f"**{reward}**, diversity of the checkpoints at or above DDPO's {target_budget}-trajectory reward "
+             f"({target:.3f}), one value per run:", "", "| method | runs there | per run | mean ± std |", "|---|---|---|---|"]
+    for a in sorted({r["algorithm"] for r in runs if r["reward"] == reward}):
+        vals = [float(np.mean(v)) for r in runs if r["reward"] == reward and r["algorithm"] == a
+                for v in [[p["diversity"] for p in r["points"][1:] if p["reward_mean"] >= target]] if v]
+        total = sum(1 for r in runs if r["reward"] == reward and r["algorithm"] == a)
+        per = ", ".join(f"{v:.2f}" for v in vals) or "-"
+        stat = f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0:.2f}" if vals else "-"
+        lines.append(f"| {a} | {len(vals)} of {total} | {per} | {stat} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, nargs="+", required=True)
@@ -130,6 +151,7 @@ def main() -> None:
         md += efficiency(runs, reward, args.target_budget) + [""]
         md += stability(runs, reward) + [""]
         md += pareto(runs, reward, out / f"pareto_{reward}.png") + [""]
+        md += diversity_at_target(runs, reward, args.target_budget) + [""]
     (out / "claims.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
