@@ -127,7 +127,7 @@ def diversity_at_target(runs: list[dict], reward: str, target_budget: int) -> li
         return []
     target = float(np.mean(ddpo))
     lines = [f"**{reward}**, diversity of the checkpoints at or above DDPO's {target_budget}-trajectory reward "
-             f"({target:.3f}), one value per run:", "", "| method | runs there | per run | mean ± std |", "|---|---|---|---|"]
+             f"({target:.3f}), one value per run:", "", "| method | runs there | per run | mean ± sample std |", "|---|---|---|---|"]
     for a in sorted({r["algorithm"] for r in runs if r["reward"] == reward}):
         vals = [float(np.mean(v)) for r in runs if r["reward"] == reward and r["algorithm"] == a
                 for v in [[p["diversity"] for p in r["points"][1:] if p["reward_mean"] >= target]] if v]
