@@ -201,15 +201,3 @@ def test_hero_reads_the_block_at_half_the_transformers_depth(flux):
     finally:
         handle.remove()
     assert seen == [torch.Size([1, 64, flux.transformer.inner_dim])]
-
-
-def test_flux_packing_is_the_pipelines_layout_and_inverts():
-    from diffusers import FluxPipeline
-
-    from diffalign.families.flux import pack_latents, unpack_latents
-
-    x = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(0))
-    packed = pack_latents(x)
-    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 4, 6, 8))
-    assert torch.equal(unpack_latents(packed, 6, 8), FluxPipeline._unpack_latents(packed, 6, 8, 1))
-    assert torch.equal(unpack_latents(packed, 6, 8), x)

@@ -33,19 +33,6 @@ from .base import Conditioning
 from .flowmatch import FlowMatchFamily
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token, channel-major within it, the layout
-    ``FluxPipeline._pack_latents`` makes. Plain reshapes, since this runs at every sampler step."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of ``pack_latents``: (B, h/2 * w/2, 4C) -> (B, C, h, w), sizes in latent pixels."""
-    b, _, d = tokens.shape
-    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
-
-
 class FluxFamily(FlowMatchFamily):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
@@ -112,7 +99,7 @@ class FluxFamily(FlowMatchFamily):
         """One transformer call on the packed latents; the prediction unpacked, returned as both halves.
         ``guidance_scale`` is not read: the guidance is the one ``encode`` stored in the conditioning."""
         b, c, h, w = latents.shape
-        packed = pack_latents(latents)
+        packed = self.pipeline_class()._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
         embeds = cond.prompt_embeds
         img_ids, txt_ids = self._ids(h, w, embeds.shape[1], latents.device, latents.dtype, embeds.dtype)
         t = torch.as_tensor(timestep, device=latents.device)
@@ -125,7 +112,7 @@ class FluxFamily(FlowMatchFamily):
                        guidance=None if guidance is None else guidance.float(),
                        pooled_projections=cond.extra["pooled"], encoder_hidden_states=embeds, txt_ids=txt_ids,
                        img_ids=img_ids, return_dict=False)[0]
-        out = unpack_latents(out, h, w)
+        out = self.pipeline_class()._unpack_latents(out, h, w, 1)  # (B, C, h, w); sizes in latent pixels, hence factor 1
         return out, out
 
     def _ids(self, h, w, text_len, device, dtype, text_dtype) -> tuple[torch.Tensor, torch.Tensor]:
