@@ -42,14 +42,20 @@ def load(dirs: list[Path], partial: bool = False) -> list[dict]:
     return runs
 
 
-def efficiency(runs: list[dict], reward: str, target_budget: int) -> list[str]:
+def ddpo_target(runs: list[dict], reward: str, target_budget: int) -> tuple[float, int] | None:
+    """DDPO's mean evaluation reward at ``target_budget`` trajectories and its number of seeds (None: no run)."""
     ddpo = [p["reward_mean"] for r in runs if r["reward"] == reward and r["algorithm"] == "ddpo"
             for p in r["points"] if p["trajectories"] == target_budget]
-    if not ddpo:
+    return (float(np.mean(ddpo)), len(ddpo)) if ddpo else None
+
+
+def efficiency(runs: list[dict], reward: str, target_budget: int) -> list[str]:
+    found = ddpo_target(runs, reward, target_budget)
+    if found is None:
         return [f"no DDPO run of {reward} reached {target_budget} trajectories"]
-    target = float(np.mean(ddpo))
+    target, n = found
     lines = [f"**{reward}**: DDPO's mean evaluation reward at {target_budget} trajectories = {target:.3f} "
-             f"({len(ddpo)} seeds)", "", "| method | seed | evaluated up to | first budget reaching it | best reward |",
+             f"({n} seeds)", "", "| method | seed | evaluated up to | first budget reaching it | best reward |",
              "|---|---|---|---|---|"]
     for r in sorted((r for r in runs if r["reward"] == reward), key=lambda r: (r["algorithm"], r["seed"])):
         hit = next((p["trajectories"] for p in r["points"] if p["reward_mean"] >= target), None)
@@ -121,11 +127,10 @@ def diversity_at_target(runs: list[dict], reward: str, target_budget: int) -> li
     """Seed-level version of the matched-reward comparison: per run, the mean Vendi of its checkpoints whose
     evaluation reward is at least DDPO's mean at ``target_budget``; then mean +- std over the runs that got there
     (checkpoints of one run are not independent, seeds are)."""
-    ddpo = [p["reward_mean"] for r in runs if r["reward"] == reward and r["algorithm"] == "ddpo"
-            for p in r["points"] if p["trajectories"] == target_budget]
-    if not ddpo:
+    found = ddpo_target(runs, reward, target_budget)
+    if found is None:
         return []
-    target = float(np.mean(ddpo))
+    target = found[0]
     lines = [f"**{reward}**, diversity of the checkpoints at or above DDPO's {target_budget}-trajectory reward "
              f"({target:.3f}), one value per run:", "", "| method | runs there | per run | mean ± sample std |", "|---|---|---|---|"]
     for a in sorted({r["algorithm"] for r in runs if r["reward"] == reward}):
